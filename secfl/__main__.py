@@ -1,0 +1,5 @@
+import sys
+
+from secfl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""Benchmark harness: timing medians, machine info, JSON output.
+
+Every benchmark measures its baseline in the same process and run, because these machines
+are shared and noisy: only ratios measured side by side are comparable. Gated figures are flat
+top-level keys; details nest below (DESIGN 7b).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secfl.errors import BenchmarkError
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    quick: bool
+    smoke: bool
+
+    @property
+    def repeats(self) -> int:
+        return 1 if self.smoke else (3 if self.quick else 7)
+
+
+BenchFunction = Callable[[BenchSettings], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    summary: str
+    function: BenchFunction
+
+
+_REGISTRY: dict[str, Benchmark] = {}
+
+
+def register_benchmark(name: str, summary: str) -> Callable[[BenchFunction], BenchFunction]:
+    def wrap(function: BenchFunction) -> BenchFunction:
+        _REGISTRY[name] = Benchmark(name, summary, function)
+        return function
+
+    return wrap
+
+
+def time_repeats(function: Callable[[], object], repeats: int, *, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def machine_info() -> dict[str, Any]:
+    import numpy
+    import torch
+
+    return {
+        "cores": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "numpy": numpy.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_registered(name: str, *, out: Path, quick: bool, smoke: bool) -> dict[str, Any]:
+    bench = _REGISTRY.get(name)
+    if bench is None:
+        raise BenchmarkError(f"unknown benchmark {name!r}; known: {sorted(_REGISTRY)}")
+    settings = BenchSettings(quick=quick, smoke=smoke)
+    before = machine_info()
+    started = time.perf_counter()
+    figures = bench.function(settings)
+    report: dict[str, Any] = {
+        **figures,
+        "benchmark": name,
+        "quick": quick,
+        "smoke": smoke,
+        "repeats": settings.repeats,
+        "wall_s": time.perf_counter() - started,
+        "machine": {**before, "load_average_after": list(os.getloadavg())},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+def registry() -> dict[str, Benchmark]:
+    return dict(_REGISTRY)

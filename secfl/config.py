@@ -1,0 +1,261 @@
+"""The run configuration: one YAML file validated by pydantic (DESIGN 7).
+
+Unknown keys, wrong types and out-of-range values raise :class:`~secfl.errors.ConfigError`
+before anything runs; the message names the key, the value and what is allowed. Later
+capabilities add their own blocks here (``aggregation.masking``, ``privacy``, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from secfl.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(gt=0, le=1)]
+
+
+class StrictModel(BaseModel):
+    """Base of every config block: unknown keys are errors, values are never coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class IidPartition(StrictModel):
+    kind: Literal["iid"] = "iid"
+
+
+class DirichletPartition(StrictModel):
+    """Label skew: each class is split across clients by Dirichlet(alpha) proportions."""
+
+    kind: Literal["dirichlet"] = "dirichlet"
+    alpha: PositiveFloat = 0.5
+    min_samples: Annotated[int, Field(ge=1)] = 2
+
+
+class ShardsPartition(StrictModel):
+    """Pathological label skew: each client receives ``classes_per_client`` label shards."""
+
+    kind: Literal["shards"] = "shards"
+    classes_per_client: PositiveInt = 2
+
+
+class QuantityPartition(StrictModel):
+    """Quantity skew: client sizes ~ Dirichlet(alpha) over clients, labels IID within."""
+
+    kind: Literal["quantity"] = "quantity"
+    alpha: PositiveFloat = 1.0
+    min_samples: Annotated[int, Field(ge=1)] = 2
+
+
+Partition = Annotated[
+    IidPartition | DirichletPartition | ShardsPartition | QuantityPartition,
+    Field(discriminator="kind"),
+]
+
+
+class SharedDataConfig(StrictModel):
+    """The public shared dataset the server may use; removed from every client's partition."""
+
+    per_class: Annotated[int, Field(ge=0, le=1000)] = 5
+
+
+class DataConfig(StrictModel):
+    dataset: Literal["digits", "breast_cancer", "mnist1d", "npz", "csv", "idx"] = "digits"
+    #: Path of a user dataset (``npz``: arrays ``x``, ``y``; ``csv``: label in the last
+    #: column unless ``label_column``; ``idx``: ``path`` is the images file, ``labels_path``).
+    path: str | None = None
+    labels_path: str | None = None
+    label_column: int = -1
+    #: MNIST-1D samples to generate (cached on disk by a hash of the generator's arguments).
+    num_samples: Annotated[int, Field(ge=100, le=2_000_000)] = 5000
+    num_clients: Annotated[int, Field(ge=1, le=100_000)] = 10
+    partition: Partition = Field(default_factory=DirichletPartition)
+    shared: SharedDataConfig = Field(default_factory=SharedDataConfig)
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _user_data_needs_path(self) -> DataConfig:
+        if self.dataset in ("npz", "csv", "idx") and not self.path:
+            raise ValueError(f"data.path is required for dataset {self.dataset!r}")
+        if self.dataset == "idx" and not self.labels_path:
+            raise ValueError("data.labels_path is required for dataset 'idx'")
+        return self
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class ModelConfig(StrictModel):
+    kind: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [64])
+    channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32])
+    #: GroupNorm groups (never BatchNorm: DP-SGD needs per-sample independence).
+    groups: PositiveInt = 4
+    activation: Literal["relu", "tanh", "gelu"] = "relu"
+
+
+# ---------------------------------------------------------------------------- client
+
+
+class ClientConfig(StrictModel):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 32
+
+
+# ---------------------------------------------------------------------------- server
+
+
+class FixedSampling(StrictModel):
+    """Exactly ``clients_per_round`` clients (or ``fraction`` of them), uniformly."""
+
+    kind: Literal["fixed"] = "fixed"
+    clients_per_round: PositiveInt | None = None
+    fraction: Probability | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> FixedSampling:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("give server.sampling.clients_per_round or .fraction, not both")
+        return self
+
+
+class PoissonSampling(StrictModel):
+    """Each client participates independently with probability ``rate`` (DP amplification)."""
+
+    kind: Literal["poisson"] = "poisson"
+    rate: Probability = 0.1
+
+
+Sampling = Annotated[FixedSampling | PoissonSampling, Field(discriminator="kind")]
+
+
+class ServerConfig(StrictModel):
+    optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    lr: Annotated[float, Field(gt=0, le=100)] = 1.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    tau: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    sampling: Sampling = Field(default_factory=FixedSampling)
+
+
+# ---------------------------------------------------------------------------- protection
+
+
+class AggregationConfig(StrictModel):
+    protection: Literal["none"] = "none"
+    #: The smallest set of participants whose sum may ever be revealed (DESIGN 7b).
+    min_cohort: Annotated[int, Field(ge=1, le=100_000)] = 3
+
+
+class SecurityConfig(StrictModel):
+    randomness: Literal["os", "seeded"] = "os"
+
+
+class EvaluationConfig(StrictModel):
+    every: PositiveInt = 1
+    per_client: bool = True
+    batch_size: PositiveInt = 1024
+
+
+# ---------------------------------------------------------------------------- run
+
+
+class RunConfig(StrictModel):
+    name: str = "secfl-run"
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    rounds: Annotated[int, Field(ge=1, le=100_000)] = 20
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    def with_overrides(self, **dotted: Any) -> RunConfig:
+        """A copy with dotted keys replaced (``{"rounds": 3, "data.num_clients": 5}``)."""
+        raw = self.to_dict()
+        for key, value in dotted.items():
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return config_from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *, ignore: tuple[str, ...] = ("rounds",)) -> str:
+        """SHA-256 of the canonical JSON of this config without the ``ignore`` keys."""
+        raw = self.to_dict()
+        for key in ignore:
+            raw.pop(key, None)
+        canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    # pydantic puts the discriminator tag into the location; users never wrote it.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in _TAGS)]
+    return ".".join(parts) or "<root>"
+
+
+_TAGS = {"iid", "dirichlet", "shards", "quantity", "fixed", "poisson"}
+
+
+def _describe(error: Any) -> str:
+    where = _format_location(tuple(error["loc"]))
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown key {where!r} (value {value!r}); check the spelling against the docs"
+    if kind == "missing":
+        return f"missing required key {where!r}"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"key {where!r}: value {value!r} is not allowed: {message}"
+
+
+def config_from_dict(raw: Any) -> RunConfig:
+    """Validate a parsed YAML mapping; errors name the key, value and allowed range."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a run config must be a mapping, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError("invalid run config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load and validate a run configuration YAML file."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(file)!r}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(file)!r} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    return config_from_dict(raw)

@@ -1,0 +1,48 @@
+"""The secfl error hierarchy.
+
+Every failure a user can cause raises a subclass of :class:`SecflError` whose message names
+what was wrong (the parameter or message), the value seen and what is allowed. Validation
+never uses ``assert`` (it vanishes under ``python -O``); it raises one of these.
+"""
+
+from __future__ import annotations
+
+
+class SecflError(Exception):
+    """Base class of every error secfl raises on purpose."""
+
+
+class ConfigError(SecflError, ValueError):
+    """A run configuration, threat model or parameter is malformed or out of range."""
+
+
+class DataError(SecflError, ValueError):
+    """A dataset cannot be loaded, has the wrong shape, or cannot be partitioned as asked."""
+
+
+class ModelError(SecflError, ValueError):
+    """A model cannot be built, or a parameter vector does not fit the model."""
+
+
+class MessageError(SecflError, ValueError):
+    """A protocol message is malformed: wrong magic, version, type, length or field."""
+
+
+class ProtocolError(SecflError):
+    """A protocol was driven out of order or received a message it must refuse."""
+
+
+class UpdateError(SecflError, ValueError):
+    """A client update is unusable: wrong length, NaN/Inf values, non-positive weight."""
+
+
+class CheckpointError(SecflError):
+    """A checkpoint is missing, corrupt, or belongs to a different run configuration."""
+
+
+class RunDirectoryError(SecflError):
+    """A run directory cannot be used as asked (for example it already holds a run)."""
+
+
+class BenchmarkError(SecflError):
+    """A benchmark name or option is unknown, or its baseline failed."""

@@ -1,0 +1,1 @@
+"""The record step: run directory, metrics, checkpoints and the HTML report."""

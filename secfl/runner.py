@@ -1,0 +1,314 @@
+"""``secfl.run``: one federated experiment in simulation, with a run directory.
+
+All roles live in this process but talk only through the transport and typed messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from secfl.audit.events import EventLog
+from secfl.client.app import ClientApp
+from secfl.client.trainer import evaluate
+from secfl.config import RunConfig
+from secfl.data.datasets import Dataset
+from secfl.data.federated import FederatedData, build_federated_data
+from secfl.encode.flatten import ParameterLayout, flatten_parameters, load_parameters, model_hash
+from secfl.models import build_model
+from secfl.randomness import Randomness
+from secfl.record import rundir
+from secfl.record.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from secfl.record.report import write_report
+from secfl.server.loop import FederatedServer, RoundOutcome
+from secfl.server.optimizers import make_server_optimizer
+from secfl.server.protection import PlaintextProtection, Protection
+from secfl.transport.inprocess import InProcessTransport
+
+
+@dataclass(eq=False)
+class RunResult:
+    """What :func:`run` returns: the metrics history and the final global model."""
+
+    history: list[dict[str, Any]]
+    model: nn.Module
+    out_dir: Path
+    config: RunConfig
+
+
+def initial_model(config: RunConfig, data: FederatedData, randomness: Randomness) -> nn.Module:
+    """The global model at round 0; its initialisation is part of the seeded design."""
+    seed = randomness.stream("model.init").seed_int()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(config.model, data.input_shape, data.num_classes)
+
+
+def make_protection(config: RunConfig) -> Protection:
+    return PlaintextProtection()
+
+
+def _spread(values: np.ndarray) -> dict[str, float]:
+    return {
+        "min": float(values.min()),
+        "p10": float(np.percentile(values, 10)),
+        "median": float(np.median(values)),
+        "max": float(values.max()),
+        "std": float(values.std()),
+    }
+
+
+class _Experimenter:
+    """The experimenter's view in simulation: test metrics and per-client accuracy spread.
+    Nothing here is sent to the server."""
+
+    def __init__(self, config: RunConfig, data: FederatedData, model: nn.Module) -> None:
+        self.config = config
+        self.data = data
+        self.model = model
+        sizes = np.array([len(c) for c in data.clients])
+        self._owner = np.repeat(np.arange(len(sizes)), sizes)
+        self._sizes = sizes
+        self._pool = Dataset(
+            "clients",
+            np.concatenate([c.x for c in data.clients]),
+            np.concatenate([c.y for c in data.clients]),
+            data.num_classes,
+        )
+
+    def measure(self, weights: np.ndarray) -> dict[str, Any]:
+        load_parameters(self.model, weights)
+        bs = self.config.evaluation.batch_size
+        correct, loss = evaluate(self.model, self.data.test, batch_size=bs)
+        row: dict[str, Any] = {"accuracy": float(correct.mean()), "loss": float(loss)}
+        if self.config.evaluation.per_client:
+            client_correct, _ = evaluate(self.model, self._pool, batch_size=bs)
+            per_client = np.bincount(self._owner, weights=client_correct) / self._sizes
+            row["client_accuracy"] = _spread(per_client)
+        return row
+
+
+def run(
+    config: RunConfig,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    clock: Callable[[], float] = time.time,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Run (or with ``resume=True`` continue) the experiment ``config`` describes.
+
+    ``out_dir`` defaults to ``runs/<name>-<seed>``. ``stop_after`` ends the process's work
+    after that many rounds of this call (tests use it to emulate an interruption).
+    """
+    folder = Path(out_dir) if out_dir is not None else Path("runs") / f"{config.name}-{config.seed}"
+    fingerprint = config.fingerprint()
+    checkpoint: Checkpoint | None = None
+    if resume:
+        checkpoint = read_checkpoint(folder, expected_fingerprint=fingerprint)
+    else:
+        rundir.prepare_new_run_dir(folder)
+    rundir.write_config(folder, config.to_dict())
+
+    randomness = Randomness(config.security.randomness, config.seed)
+    events = EventLog(folder / rundir.EVENTS_NAME, clock=clock)
+    try:
+        return _run(config, folder, randomness, events, checkpoint, progress, clock, stop_after)
+    finally:
+        events.close()
+
+
+def _run(
+    config: RunConfig,
+    folder: Path,
+    randomness: Randomness,
+    events: EventLog,
+    checkpoint: Checkpoint | None,
+    progress: bool,
+    clock: Callable[[], float],
+    stop_after: int | None,
+) -> RunResult:
+    data = build_federated_data(config.data, randomness)
+    template = initial_model(config, data, randomness)
+    layout = ParameterLayout.of(template)
+    weights = flatten_parameters(template)
+
+    def model_factory() -> nn.Module:
+        return build_model(config.model, data.input_shape, data.num_classes)
+
+    clients = [
+        ClientApp(i, part, model_factory=model_factory, config=config.client, randomness=randomness)
+        for i, part in enumerate(data.clients)
+    ]
+    transport = InProcessTransport({c.client_id: c.handle for c in clients})
+    optimizer = make_server_optimizer(config.server, weights.size)
+    server = FederatedServer(
+        config=config,
+        weights=weights,
+        optimizer=optimizer,
+        protection=make_protection(config),
+        transport=transport,
+        client_ids=[c.client_id for c in clients],
+        randomness=randomness,
+        events=events,
+    )
+    experimenter = _Experimenter(config, data, model_factory())
+
+    history: list[dict[str, Any]] = []
+    first_round = 1
+    if checkpoint is None:
+        events.emit(
+            "run_started",
+            config_fingerprint=config.fingerprint(),
+            randomness=randomness.mode,
+            secure=randomness.secure,
+            protection=config.aggregation.protection,
+        )
+        if not randomness.secure:
+            events.emit(
+                "insecure_randomness",
+                mode=randomness.mode,
+                reason="security.randomness=seeded: keys, masks and noise are reproducible "
+                "from the seed; simulation and tests only",
+            )
+        rundir.write_json_atomic(
+            folder / rundir.CLIENT_DATA_NAME,
+            {
+                "note": "experimenter's view; never sent to the server in secure modes",
+                "class_counts": data.class_counts,
+                "sizes": [len(c) for c in data.clients],
+                "shared_size": len(data.shared),
+                "test_size": len(data.test),
+            },
+        )
+    else:
+        server.weights[...] = checkpoint.arrays["global"]
+        optimizer.load_state_dict(
+            {k[len("opt.") :]: v for k, v in checkpoint.arrays.items() if k.startswith("opt.")}
+        )
+        history = list(checkpoint.state["history"])
+        first_round = checkpoint.round + 1
+        events.emit("run_resumed", from_round=checkpoint.round)
+
+    bar = tqdm(
+        total=config.rounds,
+        initial=first_round - 1,
+        disable=not progress,
+        unit="round",
+        dynamic_ncols=True,
+    )
+    done = 0
+    try:
+        for round_index in range(first_round, config.rounds + 1):
+            if stop_after is not None and done >= stop_after:
+                break
+            started = clock()
+            outcome = server.run_round(round_index)
+            row = _record_round(config, outcome, experimenter, server.weights, events)
+            row["time_s"] = clock() - started
+            history.append(row)
+            digest = write_checkpoint(
+                folder,
+                Checkpoint(
+                    round=round_index,
+                    config_fingerprint=config.fingerprint(),
+                    arrays={
+                        "global": server.weights,
+                        **{f"opt.{k}": v for k, v in optimizer.state_dict().items()},
+                    },
+                    state={"history": history},
+                ),
+            )
+            events.emit("checkpoint_written", round=round_index, sha256=digest)
+            events.sync()
+            rundir.write_metrics(folder, history)
+            bar.update(1)
+            bar.set_postfix(
+                round=round_index, loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}"
+            )
+            done += 1
+    finally:
+        bar.close()
+
+    final_model = model_factory()
+    load_parameters(final_model, server.weights)
+    if history and history[-1]["round"] == config.rounds:
+        _finish(
+            config, folder, final_model, server.weights, layout, history, data, randomness, events
+        )
+    return RunResult(history=history, model=final_model, out_dir=folder, config=config)
+
+
+def _record_round(
+    config: RunConfig,
+    outcome: RoundOutcome,
+    experimenter: _Experimenter,
+    weights: np.ndarray,
+    events: EventLog,
+) -> dict[str, Any]:
+    agg = outcome.aggregate
+    row: dict[str, Any] = {
+        "round": outcome.round,
+        "attempt": outcome.attempt,
+        "participants": len(outcome.participants),
+        "survivors": len(agg.survivors) if agg else 0,
+        "dropped": len(agg.dropped) if agg else len(outcome.participants),
+    }
+    if agg is not None and agg.train_loss is not None:
+        row["train_loss"] = agg.train_loss
+    if outcome.round % config.evaluation.every == 0 or outcome.round == config.rounds:
+        row.update(experimenter.measure(weights))
+    else:
+        row.update({"accuracy": float("nan"), "loss": float("nan")})
+    events.emit(
+        "round_completed",
+        round=outcome.round,
+        attempt=outcome.attempt,
+        survivors=list(agg.survivors) if agg else [],
+        accuracy=row["accuracy"],
+        loss=row["loss"],
+    )
+    return row
+
+
+def _finish(
+    config: RunConfig,
+    folder: Path,
+    model: nn.Module,
+    weights: np.ndarray,
+    layout: ParameterLayout,
+    history: list[dict[str, Any]],
+    data: FederatedData,
+    randomness: Randomness,
+    events: EventLog,
+) -> None:
+    rundir.write_model(
+        folder,
+        model,
+        metadata={
+            "model_hash": model_hash(weights).hex(),
+            "layout": layout.describe(),
+            "config_fingerprint": config.fingerprint(),
+        },
+    )
+    rundir.write_metrics(folder, history)
+    write_report(
+        folder / rundir.REPORT_NAME,
+        config=config.to_dict(),
+        history=history,
+        class_counts=data.class_counts,
+        secure_randomness=randomness.secure,
+    )
+    final = history[-1]
+    events.emit(
+        "run_finished", rounds=final["round"], accuracy=final["accuracy"], loss=final["loss"]
+    )

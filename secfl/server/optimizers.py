@@ -1,0 +1,84 @@
+"""Server optimisers applied to the aggregated (weighted mean) update.
+
+FedAvg: ``w += lr * delta``. FedAvgM (Hsu et al. 2019): server momentum. FedAdam (Reddi et
+al., ICLR 2021, "Adaptive Federated Optimization"): Adam on the pseudo-gradient ``delta``
+with adaptivity ``tau``. State is a dict of arrays so checkpoints capture it exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from secfl.config import ServerConfig
+from secfl.errors import CheckpointError
+
+
+class ServerOptimizer:
+    name = "fedavg"
+
+    def __init__(self, config: ServerConfig, size: int) -> None:
+        self.config = config
+        self.size = size
+        self.state: dict[str, np.ndarray] = {}
+
+    def step(self, weights: np.ndarray, delta: np.ndarray) -> None:
+        """Update ``weights`` in place from the mean update ``delta``."""
+        weights += np.float32(self.config.lr) * delta
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if set(state) != set(self.state):
+            raise CheckpointError(
+                f"{self.name} state has keys {sorted(state)}, expected {sorted(self.state)}"
+            )
+        for key, value in state.items():
+            if value.shape != self.state[key].shape:
+                raise CheckpointError(f"{self.name} state {key!r} has shape {value.shape}")
+            self.state[key][...] = value
+
+
+class FedAvgM(ServerOptimizer):
+    name = "fedavgm"
+
+    def __init__(self, config: ServerConfig, size: int) -> None:
+        super().__init__(config, size)
+        self.state = {"momentum": np.zeros(size, dtype=np.float32)}
+
+    def step(self, weights: np.ndarray, delta: np.ndarray) -> None:
+        m = self.state["momentum"]
+        m *= np.float32(self.config.momentum)
+        m += delta
+        weights += np.float32(self.config.lr) * m
+
+
+class FedAdam(ServerOptimizer):
+    name = "fedadam"
+
+    def __init__(self, config: ServerConfig, size: int) -> None:
+        super().__init__(config, size)
+        self.state = {
+            "m": np.zeros(size, dtype=np.float32),
+            "v": np.zeros(size, dtype=np.float32),
+        }
+
+    def step(self, weights: np.ndarray, delta: np.ndarray) -> None:
+        c = self.config
+        m, v = self.state["m"], self.state["v"]
+        m *= np.float32(c.beta1)
+        m += np.float32(1 - c.beta1) * delta
+        v *= np.float32(c.beta2)
+        v += np.float32(1 - c.beta2) * delta * delta
+        weights += np.float32(c.lr) * m / (np.sqrt(v) + np.float32(c.tau))
+
+
+_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
+    "fedavg": ServerOptimizer,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+}
+
+
+def make_server_optimizer(config: ServerConfig, size: int) -> ServerOptimizer:
+    return _OPTIMIZERS[config.optimizer](config, size)

@@ -1,0 +1,146 @@
+"""What the server learns from a round: the protection-mode interface and mode ``none``.
+
+A :class:`Protection` drives its protocol with the round's participants through the
+transport and returns the weighted mean update of the survivors. Mode ``none`` sends the
+broadcast, receives plaintext updates and sums them; ``masking`` and ``ckks`` implement the
+same interface with their own messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from secfl.audit.events import EventLog
+from secfl.errors import MessageError, UpdateError
+from secfl.messages import ClientFailure, FitIns, FitRes
+from secfl.randomness import Randomness
+from secfl.server.aggregate import WeightedSum
+from secfl.transport.base import Transport
+from secfl.wire import decode_message
+
+
+@dataclass(frozen=True, eq=False)
+class RoundContext:
+    round: int
+    attempt: int
+    broadcast: FitIns
+    model_size: int
+    randomness: Randomness
+    events: EventLog
+
+
+@dataclass(frozen=True, eq=False)
+class AggregateResult:
+    """The survivors' sample-weighted mean update, and who did not make it and why."""
+
+    mean_update: np.ndarray
+    total_weight: float
+    survivors: tuple[int, ...]
+    dropped: dict[int, str] = field(default_factory=dict)
+    #: Mean client training loss, only where the mode lets the server see it.
+    train_loss: float | None = None
+
+
+class Protection(Protocol):
+    name: str
+
+    def aggregate(
+        self, transport: Transport, participants: list[int], ctx: RoundContext
+    ) -> AggregateResult | None:
+        """Run one round's protocol; ``None`` if nothing may be revealed this round."""
+        ...
+
+
+def decode_reply(
+    reply: bytes | None, client_id: int, ctx: RoundContext, stage: str
+) -> FitRes | str:
+    """A checked :class:`FitRes`, or the reason the reply is unusable."""
+    if reply is None:
+        return f"no reply at stage {stage}"
+    try:
+        message = decode_message(reply)
+    except MessageError as exc:
+        return f"malformed reply: {exc}"
+    if isinstance(message, ClientFailure):
+        return f"client failed: {message.reason}"
+    if not isinstance(message, FitRes):
+        return f"expected FitRes, got {type(message).__name__}"
+    if (message.round, message.attempt) != (ctx.round, ctx.attempt):
+        return (
+            f"reply for round {message.round} attempt {message.attempt}, expected "
+            f"round {ctx.round} attempt {ctx.attempt}"
+        )
+    if message.client_id != client_id:
+        return f"reply claims client id {message.client_id}"
+    if message.model_hash != ctx.broadcast.model_hash:
+        return "reply trained from a different model (model_hash mismatch)"
+    if message.num_samples < 1:
+        return f"num_samples must be >= 1, got {message.num_samples}"
+    return message
+
+
+class PlaintextProtection:
+    """Mode ``none``: the server sees every update. For baselines and trusted servers only."""
+
+    name = "none"
+
+    def aggregate(
+        self, transport: Transport, participants: list[int], ctx: RoundContext
+    ) -> AggregateResult | None:
+        payload = ctx.broadcast.to_bytes()
+        replies = transport.exchange(dict.fromkeys(participants, payload))
+        accepted: dict[int, FitRes] = {}
+        dropped: dict[int, str] = {}
+        for client_id in participants:
+            checked = decode_reply(replies.get(client_id), client_id, ctx, "fit")
+            if isinstance(checked, str):
+                dropped[client_id] = checked
+                ctx.events.emit(
+                    "client_dropped",
+                    round=ctx.round,
+                    attempt=ctx.attempt,
+                    client=client_id,
+                    stage="fit",
+                    reason=checked,
+                )
+            else:
+                accepted[client_id] = checked
+        while accepted:
+            total = WeightedSum(ctx.model_size)
+            try:
+                for client_id, res in accepted.items():
+                    total.add(client_id, res.update, float(res.num_samples))
+                mean = total.weighted_mean()
+            except UpdateError as exc:
+                culprits = total.non_finite_contributors() or _wrong_size(accepted, ctx)
+                if not culprits:
+                    raise
+                for client_id in culprits:
+                    reason = f"update rejected: {exc}"
+                    dropped[client_id] = reason
+                    del accepted[client_id]
+                    ctx.events.emit(
+                        "update_rejected",
+                        round=ctx.round,
+                        attempt=ctx.attempt,
+                        client=client_id,
+                        reason=reason,
+                    )
+                continue
+            weights = np.array([r.num_samples for r in accepted.values()], dtype=np.float64)
+            losses = np.array([r.train_loss for r in accepted.values()], dtype=np.float64)
+            return AggregateResult(
+                mean_update=mean,
+                total_weight=total.total_weight,
+                survivors=tuple(sorted(accepted)),
+                dropped=dropped,
+                train_loss=float(np.dot(weights, losses) / weights.sum()),
+            )
+        return None
+
+
+def _wrong_size(accepted: dict[int, FitRes], ctx: RoundContext) -> list[int]:
+    return [cid for cid, res in accepted.items() if res.update.size != ctx.model_size]
