@@ -157,10 +157,74 @@ class ServerConfig(StrictModel):
 # ---------------------------------------------------------------------------- protection
 
 
+class MaskingConfig(StrictModel):
+    """``aggregation.masking``: SecAgg (complete graph) / SecAgg+ (random k-regular graph)."""
+
+    graph: Literal["complete", "k_regular"] = "complete"
+    #: k for ``k_regular``; default about 2*log2(n) (Bell et al. 2020).
+    neighbors: PositiveInt | None = None
+    #: Shamir threshold t; default max(min_cohort, floor(k/2)+1), floor(2k/3)+1 if active.
+    threshold: PositiveInt | None = None
+    #: Modulus bits b of Z_{2^b}; default the smallest that cannot overflow.
+    bits: Annotated[int, Field(ge=8, le=64)] | None = None
+    #: Per-coordinate clip range C: updates are clipped to [-C, C] before quantisation.
+    clip_range: PositiveFloat = 1.0
+    variant: Literal["semi-honest", "active"] = "semi-honest"
+
+
+class FloodingConfig(StrictModel):
+    """Noise flooding of every CKKS release (Li-Micciancio 2021)."""
+
+    statistical_bits: Annotated[int, Field(ge=40, le=128)] = 40
+    query_budget: Annotated[int, Field(ge=1, le=2**40)] = 2**20
+
+
+class CkksConfig(StrictModel):
+    """``aggregation.ckks``: TenSEAL CKKS with a policy-enforcing decryptor."""
+
+    preset: str = "aggregation"
+    flooding: FloodingConfig = Field(default_factory=FloodingConfig)
+    #: No participant's weight may exceed this share of a released weighted sum.
+    max_weight_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    #: Per-coordinate range C the decryptor's error bound is stated for.
+    clip_range: PositiveFloat = 1.0
+
+
 class AggregationConfig(StrictModel):
-    protection: Literal["none"] = "none"
+    protection: Literal["none", "masking", "ckks"] = "none"
     #: The smallest set of participants whose sum may ever be revealed (DESIGN 7b).
     min_cohort: Annotated[int, Field(ge=1, le=100_000)] = 3
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
+    ckks: CkksConfig = Field(default_factory=CkksConfig)
+
+
+#: Protocol stages at which simulated dropouts can happen (``fit`` is mode ``none``).
+DROPOUT_STAGES = (
+    "fit",
+    "advertise_keys",
+    "share_keys",
+    "masked_input",
+    "consistency_check",
+    "unmask",
+    "encrypted_input",
+)
+
+
+class SimulationConfig(StrictModel):
+    """``simulation``: dropouts and device behaviour in simulation (DESIGN 7b)."""
+
+    dropout_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    dropout_stages: list[
+        Literal[
+            "fit",
+            "advertise_keys",
+            "share_keys",
+            "masked_input",
+            "consistency_check",
+            "unmask",
+            "encrypted_input",
+        ]
+    ] = Field(default_factory=list)
 
 
 class SecurityConfig(StrictModel):
@@ -187,6 +251,7 @@ class RunConfig(StrictModel):
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 
     def with_overrides(self, **dotted: Any) -> RunConfig:
         """A copy with dotted keys replaced (``{"rounds": 3, "data.num_clients": 5}``)."""

@@ -5,6 +5,7 @@ All roles live in this process but talk only through the transport and typed mes
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from secfl.record.checkpoint import Checkpoint, read_checkpoint, write_checkpoin
 from secfl.record.report import write_report
 from secfl.server.loop import FederatedServer, RoundOutcome
 from secfl.server.optimizers import make_server_optimizer
-from secfl.server.protection import PlaintextProtection, Protection
+from secfl.server.protection import Protection
 from secfl.transport.inprocess import InProcessTransport
 
 
@@ -52,8 +53,23 @@ def initial_model(config: RunConfig, data: FederatedData, randomness: Randomness
         return build_model(config.model, data.input_shape, data.num_classes)
 
 
-def make_protection(config: RunConfig) -> Protection:
-    return PlaintextProtection()
+#: Where each protection mode's builder lives; imported only when the mode is used.
+_PROTECTION_BUILDERS = {
+    "none": "secfl.server.protection:build_plaintext_protection",
+    "masking": "secfl.secagg.simulation:build_protection",
+    "ckks": "secfl.he.simulation:build_protection",
+}
+
+
+def make_protection(
+    config: RunConfig, clients: list[ClientApp], randomness: Randomness, events: EventLog
+) -> Protection:
+    """The server side of the configured protection mode; the builder also equips the
+    simulated clients with their side of the protocol (each role keeps its own state)."""
+    module_name, _, attribute = _PROTECTION_BUILDERS[config.aggregation.protection].partition(":")
+    builder = getattr(importlib.import_module(module_name), attribute)
+    protection: Protection = builder(config, clients, randomness, events)
+    return protection
 
 
 def _spread(values: np.ndarray) -> dict[str, float]:
@@ -155,7 +171,7 @@ def _run(
         config=config,
         weights=weights,
         optimizer=optimizer,
-        protection=make_protection(config),
+        protection=make_protection(config, clients, randomness, events),
         transport=transport,
         client_ids=[c.client_id for c in clients],
         randomness=randomness,

@@ -9,7 +9,7 @@ same interface with their own messages.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -20,6 +20,10 @@ from secfl.randomness import Randomness
 from secfl.server.aggregate import WeightedSum
 from secfl.transport.base import Transport
 from secfl.wire import decode_message
+
+if TYPE_CHECKING:
+    from secfl.client.app import ClientApp
+    from secfl.config import RunConfig
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,3 +148,15 @@ class PlaintextProtection:
 
 def _wrong_size(accepted: dict[int, FitRes], ctx: RoundContext) -> list[int]:
     return [cid for cid, res in accepted.items() if res.update.size != ctx.model_size]
+
+
+def build_plaintext_protection(
+    config: RunConfig, clients: list[ClientApp], randomness: Randomness, events: EventLog
+) -> PlaintextProtection:
+    """Builder for mode ``none`` (clients answer :class:`FitIns` out of the box)."""
+    events.emit(
+        "warning",
+        message="aggregation.protection=none: the server sees every client update in clear; "
+        "for baselines and trusted-server research only",
+    )
+    return PlaintextProtection()
