@@ -46,3 +46,7 @@ class RunDirectoryError(SecflError):
 
 class BenchmarkError(SecflError):
     """A benchmark name or option is unknown, or its baseline failed."""
+
+
+class SignatureError(SecflError):
+    """A signature did not verify (one error for every cause, so nothing leaks)."""
