@@ -83,6 +83,8 @@ def decode_reply(
         return "reply trained from a different model (model_hash mismatch)"
     if message.num_samples < 1:
         return f"num_samples must be >= 1, got {message.num_samples}"
+    if message.update.shape != (ctx.model_size,):
+        return f"update has shape {message.update.shape}, expected ({ctx.model_size},)"
     return message
 
 
@@ -114,16 +116,19 @@ class PlaintextProtection:
                 accepted[client_id] = checked
         while accepted:
             total = WeightedSum(ctx.model_size)
+            for client_id, res in accepted.items():
+                total.add(client_id, res.update, float(res.num_samples))
             try:
-                for client_id, res in accepted.items():
-                    total.add(client_id, res.update, float(res.num_samples))
                 mean = total.weighted_mean()
-            except UpdateError as exc:
-                culprits = total.non_finite_contributors() or _wrong_size(accepted, ctx)
+            except UpdateError:
+                # Only the failure path rescans: name and exclude the clients whose update
+                # holds NaN/Inf, then sum the rest again. An overflow of finite values has
+                # no culprit and fails the round.
+                culprits = total.non_finite_contributors()
                 if not culprits:
                     raise
                 for client_id in culprits:
-                    reason = f"update rejected: {exc}"
+                    reason = "update rejected: it contains NaN/Inf; only finite values allowed"
                     dropped[client_id] = reason
                     del accepted[client_id]
                     ctx.events.emit(
@@ -144,10 +149,6 @@ class PlaintextProtection:
                 train_loss=float(np.dot(weights, losses) / weights.sum()),
             )
         return None
-
-
-def _wrong_size(accepted: dict[int, FitRes], ctx: RoundContext) -> list[int]:
-    return [cid for cid, res in accepted.items() if res.update.size != ctx.model_size]
 
 
 def build_plaintext_protection(

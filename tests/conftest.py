@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from secfl.config import RunConfig, config_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(**overrides: object) -> RunConfig:
+    """A fast digits run (seeded) for tests."""
+    raw: dict[str, object] = {
+        "name": "test",
+        "seed": 0,
+        "rounds": 3,
+        "security": {"randomness": "seeded"},
+        "data": {"dataset": "digits", "num_clients": 5, "partition": {"kind": "iid"}},
+        "model": {"kind": "mlp", "hidden": [32]},
+        "client": {"epochs": 1, "batch_size": 32, "lr": 0.05},
+        "evaluation": {"per_client": True},
+    }
+    config = config_from_dict(raw)
+    return config.with_overrides(**overrides) if overrides else config
+
+
+@pytest.fixture
+def tiny_config() -> RunConfig:
+    return small_config()
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECFL_CACHE", str(tmp_path_factory.getbasetemp() / "secfl-cache"))
