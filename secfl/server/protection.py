@@ -8,6 +8,7 @@ same interface with their own messages.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -88,6 +89,10 @@ def decode_reply(
     return message
 
 
+class PlaintextModeWarning(UserWarning):
+    """Mode ``none`` protects nothing from the server; said loudly at every run."""
+
+
 class PlaintextProtection:
     """Mode ``none``: the server sees every update. For baselines and trusted servers only."""
 
@@ -155,9 +160,10 @@ def build_plaintext_protection(
     config: RunConfig, clients: list[ClientApp], randomness: Randomness, events: EventLog
 ) -> PlaintextProtection:
     """Builder for mode ``none`` (clients answer :class:`FitIns` out of the box)."""
-    events.emit(
-        "warning",
-        message="aggregation.protection=none: the server sees every client update in clear; "
-        "for baselines and trusted-server research only",
+    message = (
+        "aggregation.protection=none: the server sees every client update in clear; "
+        "for baselines and trusted-server research only"
     )
+    warnings.warn(message, PlaintextModeWarning, stacklevel=2)
+    events.emit("warning", message=message)
     return PlaintextProtection()
