@@ -158,10 +158,16 @@ class ServerConfig(StrictModel):
 
 
 class MaskingConfig(StrictModel):
-    """``aggregation.masking``: SecAgg (complete graph) / SecAgg+ (random k-regular graph)."""
+    """``aggregation.masking``: SecAgg (complete graph) / SecAgg+ (random k-regular graph).
+
+    See ``protocols/secagg.md`` for what each key means for security and for the sum's
+    precision; :func:`secfl.secagg.params.derive_params` turns these into one round's
+    parameters and refuses combinations that could overflow or under-protect.
+    """
 
     graph: Literal["complete", "k_regular"] = "complete"
-    #: k for ``k_regular``; default about 2*log2(n) (Bell et al. 2020).
+    #: k for ``k_regular`` (even); default 2*ceil(log2(n)) (Bell et al. 2020). A k >= n - 1
+    #: is the complete graph.
     neighbors: PositiveInt | None = None
     #: Shamir threshold t; default max(min_cohort, floor(k/2)+1), floor(2k/3)+1 if active.
     threshold: PositiveInt | None = None
@@ -170,13 +176,37 @@ class MaskingConfig(StrictModel):
     #: Per-coordinate clip range C: updates are clipped to [-C, C] before quantisation.
     clip_range: PositiveFloat = 1.0
     variant: Literal["semi-honest", "active"] = "semi-honest"
+    #: Quantisation resolution r: a clipped value times its weight is rounded to a multiple
+    #: of C / 2^(r-1) (stochastic rounding, unbiased).
+    resolution_bits: Annotated[int, Field(ge=2, le=30)] = 16
+    #: ``samples``: the sum is weighted by each client's sample count (capped at
+    #: ``max_weight``); the server learns only the total weight. ``uniform``: weight 1.
+    weighting: Literal["samples", "uniform"] = "samples"
+    #: Upper bound on one client's weight; a client with more samples uses this weight.
+    max_weight: Annotated[int, Field(ge=1, le=2**24)] = 1024
+    #: Mask PRG seed length in bytes: 16 (AES-128-CTR) or 32 (AES-256-CTR).
+    seed_bytes: Literal[16, 32] = 32
+    #: Threads of the mask expansion engine; default every core the process may use.
+    threads: Annotated[int, Field(ge=1, le=256)] | None = None
+
+    @model_validator(mode="after")
+    def _even_neighbours(self) -> MaskingConfig:
+        if self.neighbors is not None and self.neighbors % 2:
+            raise ValueError(
+                f"aggregation.masking.neighbors must be even (a Harary graph H(k, n)), "
+                f"got {self.neighbors}"
+            )
+        return self
 
 
 class FloodingConfig(StrictModel):
-    """Noise flooding of every CKKS release (Li-Micciancio 2021)."""
+    """Noise flooding of every CKKS release (Li-Micciancio 2021; Li, Micciancio, Schultz,
+    Sorrell 2022): s statistical bits for ``query_budget`` decryption queries per key; the
+    decryptor rotates keys before the budget is spent. The preset's precision is checked for
+    these values when the run is built (``docs/ckks.md``)."""
 
     statistical_bits: Annotated[int, Field(ge=40, le=128)] = 40
-    query_budget: Annotated[int, Field(ge=1, le=2**40)] = 2**20
+    query_budget: Annotated[int, Field(ge=1, le=2**40)] = 2**16
 
 
 class CkksConfig(StrictModel):
@@ -211,7 +241,12 @@ DROPOUT_STAGES = (
 
 
 class SimulationConfig(StrictModel):
-    """``simulation``: dropouts and device behaviour in simulation (DESIGN 7b)."""
+    """``simulation``: dropouts and device behaviour in simulation (DESIGN 7b).
+
+    At every listed stage, each client still in the round drops with probability
+    ``dropout_rate`` (independently; reproducible in ``seeded`` mode); every dropout is
+    recorded in the event log as ``simulated_dropout``.
+    """
 
     dropout_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
     dropout_stages: list[
@@ -225,6 +260,103 @@ class SimulationConfig(StrictModel):
             "encrypted_input",
         ]
     ] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _stages_for_rate(self) -> SimulationConfig:
+        if self.dropout_rate > 0 and not self.dropout_stages:
+            raise ValueError(
+                f"simulation.dropout_rate={self.dropout_rate} needs simulation.dropout_stages "
+                f"(any of {list(DROPOUT_STAGES)})"
+            )
+        if len(set(self.dropout_stages)) != len(self.dropout_stages):
+            raise ValueError("simulation.dropout_stages lists a stage twice")
+        return self
+
+
+# ---------------------------------------------------------------------------- privacy
+
+#: Accountants in :mod:`secfl.privacy.accountants` (libraries, never hand-written maths).
+AccountantName = Literal["opacus_prv", "opacus_rdp", "dpa_pld", "dpa_rdp"]
+Delta = Annotated[float, Field(gt=0, lt=1)]
+
+
+class _NoiseChoice(StrictModel):
+    """Exactly one of ``noise_multiplier`` or ``target_epsilon`` (calibrated by the
+    accountant for the worst case: the party takes part in every round)."""
+
+    noise_multiplier: PositiveFloat | None = None
+    target_epsilon: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> _NoiseChoice:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier or target_epsilon")
+        return self
+
+
+class SampleLevelConfig(_NoiseChoice):
+    """``privacy.sample_level``: DP-SGD on every client (Abadi et al. 2016).
+
+    Each step includes every record independently with probability ``sample_rate`` (Poisson
+    sampling; an epoch is round(1/sample_rate) steps, ``client.epochs`` epochs a round), clips
+    each per-sample gradient to L2 norm ``max_grad_norm`` and adds Gaussian noise of standard
+    deviation ``noise_multiplier * max_grad_norm``; ``client.batch_size`` is not used.
+    ``delta`` must be at most 1/(10 n) for every client's record count n.
+    """
+
+    delta: Delta = 1e-5
+    max_grad_norm: PositiveFloat = 1.0
+    sample_rate: Probability = 0.25
+    #: Layers Opacus cannot use with DP-SGD (BatchNorm, ...): ``error``, or ``fix`` applies
+    #: Opacus' ``ModuleValidator.fix`` to the whole federation's model with a logged notice.
+    incompatible_layers: Literal["error", "fix"] = "error"
+
+
+class UserLevelConfig(_NoiseChoice):
+    """``privacy.user_level``: each update clipped to L2 norm ``clip_norm``, Gaussian noise
+    on the weighted sum (central: mode ``none`` only, trusted server).
+
+    ``weighting: uniform`` gives every client weight 1 (sensitivity ``clip_norm``);
+    ``capped`` gives min(records / ``weight_unit``, ``max_weight``) (sensitivity
+    ``clip_norm * max_weight``). ``delta`` must be at most 1/(10 n), n = number of clients.
+    """
+
+    delta: Delta = 1e-5
+    clip_norm: PositiveFloat = 1.0
+    weighting: Literal["uniform", "capped"] = "uniform"
+    max_weight: PositiveFloat = 1.0
+    weight_unit: PositiveFloat = 1.0
+
+
+class BudgetConfig(StrictModel):
+    """``privacy.budget``: fail closed. A client over ``client_epsilon`` does not train; a
+    round that would take the global user-level epsilon over ``global_epsilon`` does not
+    start and the run stops with its checkpoint saved."""
+
+    client_epsilon: PositiveFloat | None = None
+    global_epsilon: PositiveFloat | None = None
+
+
+class AccountantConfig(StrictModel):
+    sample_level: AccountantName = "opacus_prv"
+    user_level: AccountantName = "dpa_pld"
+
+
+class PrivacyConfig(StrictModel):
+    """``privacy``: sample-level DP-SGD, user-level DP, their accountants and budgets."""
+
+    sample_level: SampleLevelConfig | None = None
+    user_level: UserLevelConfig | None = None
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    accountant: AccountantConfig = Field(default_factory=AccountantConfig)
+
+    @model_validator(mode="after")
+    def _budgets_need_mechanisms(self) -> PrivacyConfig:
+        if self.budget.client_epsilon is not None and self.sample_level is None:
+            raise ValueError("privacy.budget.client_epsilon needs privacy.sample_level")
+        if self.budget.global_epsilon is not None and self.user_level is None:
+            raise ValueError("privacy.budget.global_epsilon needs privacy.user_level")
+        return self
 
 
 class SecurityConfig(StrictModel):
@@ -252,6 +384,26 @@ class RunConfig(StrictModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @model_validator(mode="after")
+    def _privacy_fits_run(self) -> RunConfig:
+        user = self.privacy.user_level
+        if user is not None:
+            bound = 1.0 / (10.0 * self.data.num_clients)
+            if user.delta > bound:
+                raise ValueError(
+                    f"privacy.user_level.delta={user.delta} is too large for "
+                    f"data.num_clients={self.data.num_clients}: allowed (0, 1/(10 n)] = "
+                    f"(0, {bound:.3g}]"
+                )
+            if self.aggregation.protection != "none":
+                raise ValueError(
+                    f"privacy.user_level with aggregation.protection="
+                    f"{self.aggregation.protection!r} needs distributed noise, which is not "
+                    "implemented yet; allowed: protection 'none' (central noise, trusted server)"
+                )
+        return self
 
     def with_overrides(self, **dotted: Any) -> RunConfig:
         """A copy with dotted keys replaced (``{"rounds": 3, "data.num_clients": 5}``)."""

@@ -50,3 +50,14 @@ class BenchmarkError(SecflError):
 
 class SignatureError(SecflError):
     """A signature did not verify (one error for every cause, so nothing leaks)."""
+
+
+class SecAggAbort(ProtocolError):
+    """The secure-aggregation protocol stopped: below threshold, a message for the wrong
+    stage, round or sender, a replay, a wrong length or a bad signature. The message names the
+    cause; an aborting client has wiped its secrets, and a server reveals no partial sum."""
+
+
+class AuthenticationError(SecflError):
+    """An authenticated ciphertext did not decrypt (wrong key, nonce, data or tag); one
+    error for every cause, so nothing leaks about which check failed."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from secfl.audit.events import EventLog
+from secfl.audit.events import EventLog, read_events
 from secfl.client.app import ClientApp
 from secfl.client.trainer import evaluate
 from secfl.config import RunConfig
@@ -32,6 +32,7 @@ from secfl.record.report import write_report
 from secfl.server.loop import FederatedServer, RoundOutcome
 from secfl.server.optimizers import make_server_optimizer
 from secfl.server.protection import Protection
+from secfl.transport.dropout import with_simulated_dropouts
 from secfl.transport.inprocess import InProcessTransport
 
 
@@ -165,7 +166,13 @@ def _run(
         ClientApp(i, part, model_factory=model_factory, config=config.client, randomness=randomness)
         for i, part in enumerate(data.clients)
     ]
-    transport = InProcessTransport({c.client_id: c.handle for c in clients})
+    transport = with_simulated_dropouts(
+        InProcessTransport({c.client_id: c.handle for c in clients}),
+        config.simulation,
+        protection=config.aggregation.protection,
+        randomness=randomness,
+        events=events,
+    )
     optimizer = make_server_optimizer(config.server, weights.size)
     server = FederatedServer(
         config=config,
@@ -228,7 +235,9 @@ def _run(
             if stop_after is not None and done >= stop_after:
                 break
             started = clock()
-            outcome = server.run_round(round_index)
+            resumed = checkpoint is not None and round_index == first_round
+            attempt = _attempt_for(round_index, events, randomness) if resumed else 0
+            outcome = server.run_round(round_index, attempt)
             row = _record_round(config, outcome, experimenter, server.weights, events)
             row["time_s"] = clock() - started
             history.append(row)
@@ -262,6 +271,21 @@ def _run(
             config, folder, final_model, server.weights, layout, history, data, randomness, events
         )
     return RunResult(history=history, model=final_model, out_dir=folder, config=config)
+
+
+def _attempt_for(round_index: int, events: EventLog, randomness: Randomness) -> int:
+    """The attempt number of a round (DESIGN 3b). ``seeded``: always 0, so a resumed round
+    replays bit-identically. ``os``: one more than any earlier start of this round in the
+    event log, so a round retried after a crash gets fresh keys and masks and clients,
+    which remember what they released per (round, attempt), never mix two attempts."""
+    if not randomness.secure:
+        return 0
+    attempts = [
+        int(e["attempt"])
+        for e in read_events(events.path)
+        if e.get("event") == "round_started" and e.get("round") == round_index
+    ]
+    return max(attempts) + 1 if attempts else 0
 
 
 def _record_round(

@@ -1,0 +1,141 @@
+"""Mode ``masking`` in ``secfl run``: equip simulated clients and build the server side.
+
+Each :class:`~secfl.client.app.ClientApp` gets its own :class:`SecAggClient` (its keys,
+shares and release log live there); the server side is :class:`MaskingProtection`, which
+owns a fresh :class:`SecAggServer` per round and talks to clients only through the
+transport's bytes. Identity keys: in ``seeded`` mode derived from the seed (reproducible),
+in ``os`` mode from the OS CSPRNG; the registry of their public halves is pinned by every
+party (in deployment it comes from the federation's certificates).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from secfl.audit.events import EventLog
+from secfl.crypto.prg import MaskEngine
+from secfl.crypto.sign import SigningKey
+from secfl.errors import SecAggAbort
+from secfl.messages import FitIns
+from secfl.randomness import Randomness
+from secfl.secagg import messages as m
+from secfl.secagg.client import SecAggClient, ShareReleaseLog
+from secfl.secagg.identity import IdentityRegistry
+from secfl.secagg.server import SecAggServer
+from secfl.server.protection import AggregateResult, RoundContext
+from secfl.transport.base import Transport
+
+if TYPE_CHECKING:
+    from secfl.client.app import ClientApp
+    from secfl.config import MaskingConfig, RunConfig
+
+
+def identity_key(randomness: Randomness, client_id: int) -> SigningKey:
+    """A client's Ed25519 identity key (seeded mode: from the seed; os mode: fresh)."""
+    stream = randomness.stream("secagg.identity", party=f"client:{client_id}")
+    return SigningKey.generate() if stream.secure else SigningKey.from_seed(stream.bytes(32))
+
+
+class MaskingProtection:
+    """Mode ``masking``: the server learns the survivors' weighted mean and nothing else."""
+
+    name = "masking"
+
+    def __init__(
+        self,
+        masking: MaskingConfig,
+        *,
+        min_cohort: int,
+        registry: IdentityRegistry,
+        engine: MaskEngine | None = None,
+    ) -> None:
+        self.masking = masking
+        self.min_cohort = min_cohort
+        self.registry = registry
+        self.engine = engine if engine is not None else MaskEngine(threads=masking.threads)
+        self.last_server: SecAggServer | None = None
+
+    def aggregate(
+        self, transport: Transport, participants: list[int], ctx: RoundContext
+    ) -> AggregateResult | None:
+        stage = "advertise_keys"
+        try:
+            server = SecAggServer(
+                masking=self.masking,
+                min_cohort=self.min_cohort,
+                participants=participants,
+                round_index=ctx.round,
+                attempt=ctx.attempt,
+                model_hash=ctx.broadcast.model_hash,
+                weights=ctx.broadcast.weights,
+                registry=self.registry,
+                engine=self.engine,
+                events=ctx.events,
+            )
+            self.last_server = server
+            while not server.done:
+                stage = server.stage
+                server.receive(transport.exchange(server.requests()))
+        except SecAggAbort as exc:
+            ctx.events.emit(
+                "secagg_aborted", round=ctx.round, attempt=ctx.attempt, stage=stage,
+                reason=str(exc),
+            )
+            return None
+        result = server.result
+        if result is None:  # pragma: no cover - done implies a result
+            return None
+        return AggregateResult(
+            mean_update=result.mean_update,
+            total_weight=float(result.total_weight),
+            survivors=result.survivors,
+            dropped=result.dropped,
+            train_loss=None,
+        )
+
+
+def build_protection(
+    config: RunConfig, clients: list[ClientApp], randomness: Randomness, events: EventLog
+) -> MaskingProtection:
+    """Give every simulated client its SecAgg state machine; return the server side."""
+    masking = config.aggregation.masking
+    min_cohort = config.aggregation.min_cohort
+    keys = {app.client_id: identity_key(randomness, app.client_id) for app in clients}
+    registry = IdentityRegistry({cid: key.public_bytes() for cid, key in keys.items()})
+    engine = MaskEngine(threads=masking.threads)
+    state_dir = Path(events.path).parent / "client_state"
+    for app in clients:
+        # os mode: the release log is on disk so a restarted client still refuses the other
+        # share; seeded mode replays a round bit-identically, so memory suffices.
+        log_path = state_dir / f"client-{app.client_id}-releases.jsonl" if randomness.secure else None
+        machine = SecAggClient(
+            app.client_id,
+            masking=masking,
+            min_cohort=min_cohort,
+            signing_key=keys[app.client_id],
+            registry=registry,
+            randomness=randomness,
+            compute_update=_trainer(app),
+            release_log=ShareReleaseLog(log_path),
+            engine=engine,
+        )
+        app.register(m.AdvertiseKeysIns, machine.on_advertise_keys)
+        app.register(m.ShareKeysIns, machine.on_share_keys)
+        app.register(m.MaskedInputIns, machine.on_masked_input)
+        app.register(m.ConsistencyCheckIns, machine.on_consistency_check)
+        app.register(m.UnmaskIns, machine.on_unmask)
+    return MaskingProtection(masking, min_cohort=min_cohort, registry=registry, engine=engine)
+
+
+def _trainer(app: ClientApp):  # type: ignore[no-untyped-def]
+    def compute(round_index: int, attempt: int, model_hash: bytes, weights: np.ndarray
+                ) -> tuple[np.ndarray, int]:
+        delta, result = app.train(
+            FitIns(round=round_index, attempt=attempt, model_hash=model_hash, weights=weights)
+        )
+        return delta, int(result.num_samples)
+
+    return compute
