@@ -1,0 +1,811 @@
+"""CKKS (Cheon-Kim-Kim-Song 2017) through TenSEAL's SEAL bindings: presets, keys, packing.
+
+The only module that imports ``tenseal``. Everything ``secfl.he`` does with ciphertexts goes
+through the thin typed wrappers here:
+
+* :class:`CkksPreset` — named parameter sets, each checked at construction for 128-bit
+  security (the HomomorphicEncryption.org standard's bound on log2 Q for the ring degree,
+  ternary secret, classical attacker) and for the depth it promises.
+* :class:`SecretContext` — the decryptor's keys (secret key, public key, and for the ``trust``
+  preset the relinearisation and Galois keys). It serialises only its *public* parts.
+* :class:`PublicContext` — parameters plus public key (clients), plus evaluation keys
+  (server). It has no secret key and no way to decrypt.
+
+Packing: the flattened float vector fills complete ciphertexts, two reals per complex slot
+(``x[2j] + i*x[2j+1]``), so one ciphertext carries ``N`` parameters; the last ciphertext is
+zero-padded. Any model size works; there are no per-layer ciphertexts.
+
+Weights: the server multiplies each client's ciphertext by its *integer* weight (its signed
+sample count) encoded at scale 1, which is exact (no rescaling, no level consumed) and keeps
+the aggregate at scale ``2**scale_bits``.
+
+Randomness: SEAL draws key-generation and encryption randomness from its own PRNG factory.
+By default (``seed=None``) it is SEAL's Blake2xb seeded from the OS (``std::random_device``);
+with a 64-byte ``seed`` (seeded simulations only) it is a Blake2xb stream of that seed, so
+keys and ciphertexts are bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi as seal
+
+from secfl.errors import CkksError, CkksParameterError
+
+#: HomomorphicEncryption.org security standard (Albrecht et al. 2018, Table 1, ternary
+#: secret, classical, 128 bits): the largest total coefficient-modulus bits per ring degree.
+HE_STANDARD_128_MAX_LOGQ: dict[int, int] = {
+    1024: 27,
+    2048: 54,
+    4096: 109,
+    8192: 218,
+    16384: 438,
+    32768: 881,
+}
+#: SEAL's error standard deviation (``util::global_variables::noise_standard_deviation``).
+ERROR_STDDEV = 3.2
+#: Tail factor of the high-probability error bound: a Gaussian exceeds 12 sigma with
+#: probability below 2^-105.
+TAIL_SIGMAS = 12.0
+
+
+@dataclass(frozen=True)
+class CkksPreset:
+    """A named CKKS parameter set.
+
+    ``coeff_modulus_bits`` lists the primes' bit sizes; the last one is SEAL's special
+    (key-switching) prime, the others form the data modulus a fresh ciphertext lives in.
+    ``depth`` is the number of rescalings the preset promises (0: add and integer-scale only;
+    1: one ciphertext-plaintext or ciphertext-ciphertext product, then rotations).
+    ``precision`` is the bound on the flooded aggregate's error the preset is stated for, as a
+    fraction of the per-coordinate range C (checked by :func:`flooding_plan`).
+    """
+
+    name: str
+    poly_modulus_degree: int
+    coeff_modulus_bits: tuple[int, ...]
+    scale_bits: int
+    depth: int
+    galois_keys: bool
+    precision: float
+    summary: str = ""
+    data_bits: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_bits", sum(self.coeff_modulus_bits[:-1]))
+        check_preset(self)
+
+    @property
+    def params_per_ciphertext(self) -> int:
+        return self.poly_modulus_degree  # N/2 complex slots, two reals each
+
+    def security_argument(self) -> str:
+        total = sum(self.coeff_modulus_bits)
+        limit = HE_STANDARD_128_MAX_LOGQ[self.poly_modulus_degree]
+        return (
+            f"ring degree N={self.poly_modulus_degree}, ternary secret, error stddev "
+            f"{ERROR_STDDEV}; total coefficient modulus {total} bits "
+            f"({'+'.join(map(str, self.coeff_modulus_bits))}) <= {limit} bits, the "
+            "HomomorphicEncryption.org standard's 128-bit classical bound for this N "
+            "(Albrecht et al. 2018, Table 1); SEAL additionally enforces the same table "
+            "(sec_level_type.tc128) when the context is built"
+        )
+
+
+def check_preset(preset: CkksPreset) -> None:
+    """Raise :class:`CkksParameterError` naming what is unsafe or insufficient, and why."""
+    n = preset.poly_modulus_degree
+    bits = preset.coeff_modulus_bits
+    if n not in HE_STANDARD_128_MAX_LOGQ:
+        raise CkksParameterError(
+            f"preset {preset.name!r}: poly_modulus_degree {n} is not one of "
+            f"{sorted(HE_STANDARD_128_MAX_LOGQ)} (powers of two covered by the HE standard)"
+        )
+    if len(bits) < 2:
+        raise CkksParameterError(
+            f"preset {preset.name!r}: coeff_modulus_bits {bits} needs at least two primes "
+            "(data primes, then SEAL's special key-switching prime)"
+        )
+    for b in bits:
+        if not 16 <= b <= 60:
+            raise CkksParameterError(
+                f"preset {preset.name!r}: prime of {b} bits; SEAL primes must have 16..60 bits"
+            )
+    total = sum(bits)
+    limit = HE_STANDARD_128_MAX_LOGQ[n]
+    if total > limit:
+        raise CkksParameterError(
+            f"preset {preset.name!r}: total coefficient modulus {total} bits exceeds {limit} "
+            f"bits, the 128-bit security bound for N={n} (HE standard); use fewer or "
+            "smaller primes or a larger N"
+        )
+    data_primes = len(bits) - 1
+    if preset.depth < 0 or data_primes < preset.depth + 1:
+        raise CkksParameterError(
+            f"preset {preset.name!r}: depth {preset.depth} needs at least {preset.depth + 1} "
+            f"data primes, got {data_primes}"
+        )
+    if preset.depth >= 1:
+        for b in bits[1:-1]:
+            if b < preset.scale_bits:
+                raise CkksParameterError(
+                    f"preset {preset.name!r}: rescaling prime of {b} bits is smaller than "
+                    f"the scale 2^{preset.scale_bits}; a product would lose its precision"
+                )
+        if bits[-1] < max(bits[:-1]):
+            raise CkksParameterError(
+                f"preset {preset.name!r}: the special prime ({bits[-1]} bits) must be at "
+                "least as large as every data prime for key switching to stay precise"
+            )
+    data_bits = sum(bits[:-1]) if preset.depth == 0 else bits[0]
+    if preset.scale_bits + 8 > data_bits:
+        raise CkksParameterError(
+            f"preset {preset.name!r}: scale 2^{preset.scale_bits} leaves fewer than 8 bits "
+            f"of headroom in the {data_bits}-bit modulus the result is decrypted in"
+        )
+    if not 0 < preset.precision < 1:
+        raise CkksParameterError(
+            f"preset {preset.name!r}: precision must be in (0, 1), got {preset.precision}"
+        )
+
+
+#: Add-only aggregation: one 60-bit and one 33-bit data prime (93 bits), special prime of
+#: 16 bits (never used: no key switching), N=4096 -> 109 bits, exactly the 128-bit bound.
+AGGREGATION = CkksPreset(
+    name="aggregation",
+    poly_modulus_degree=4096,
+    coeff_modulus_bits=(60, 33, 16),
+    scale_bits=74,
+    depth=0,
+    galois_keys=False,
+    precision=1e-5,
+    summary="add-only weighted sums; public key only, no evaluation keys",
+)
+#: Trust scalars: one product (scale 2^40, rescaled by the 40-bit prime), then rotations.
+TRUST = CkksPreset(
+    name="trust",
+    poly_modulus_degree=8192,
+    coeff_modulus_bits=(60, 40, 60),
+    scale_bits=40,
+    depth=1,
+    galois_keys=True,
+    precision=1e-3,
+    summary="inner products with a plaintext reference and squared norms (Galois keys)",
+)
+PRESETS: dict[str, CkksPreset] = {p.name: p for p in (AGGREGATION, TRUST)}
+
+
+def get_preset(name: str) -> CkksPreset:
+    preset = PRESETS.get(name)
+    if preset is None:
+        raise CkksParameterError(
+            f"aggregation.ckks.preset {name!r} is unknown; known presets: {sorted(PRESETS)}"
+        )
+    return preset
+
+
+# ---------------------------------------------------------------------------- flooding
+
+
+@dataclass(frozen=True)
+class FloodingPlan:
+    """The Gaussian noise every release carries, and the error bound it implies.
+
+    LMSS 2022 (Li, Micciancio, Schultz, Sorrell, CRYPTO 2022, Thm. on the Gaussian
+    mechanism; the parameterisation OpenFHE adopted for NOISE_FLOODING_DECRYPT): adding
+    Gaussian noise of standard deviation ``sqrt(24 * n * q) * 2^(s/2) * t`` to decryption
+    results whose error is bounded by ``t`` gives s-bit statistical IND-CPA^D security for q
+    decryption queries of n released values each. Without it, a decrypted CKKS value minus the
+    known message is a linear function of the secret key (Li-Micciancio, Eurocrypt 2021).
+    """
+
+    statistical_bits: int
+    query_budget: int
+    #: High-probability bound on the CKKS error of one fresh ciphertext's released value.
+    fresh_error: float
+    #: Noise standard deviation on the *mean* (noise on the weighted sum / total weight).
+    mean_sigma: float
+    #: Stated bound on |released mean - true weighted mean| per coordinate (7 sigma + t).
+    mean_bound: float
+    released_values_per_query: int
+
+    def sum_sigma(self, total_weight: int) -> float:
+        return self.mean_sigma * total_weight
+
+
+def fresh_error_bound(preset: CkksPreset) -> float:
+    """Bound on the error of each released real (slot real or imaginary part), fresh
+    public-key encryption at scale 2^scale_bits, in message units.
+
+    Decryption leaves e = -e_pk*u + e1 + e2*s (SEAL); with ternary u, s (variance 2/3) each
+    coefficient has variance sigma^2 (4N/3 + 1); a slot sums N coefficients, so each real
+    part has standard deviation sigma*sqrt(N (4N/3 + 1) / 2); we take TAIL_SIGMAS of it.
+    """
+    n = preset.poly_modulus_degree
+    slot_sd = ERROR_STDDEV * math.sqrt(n * (4.0 * n / 3.0 + 1.0) / 2.0)
+    return TAIL_SIGMAS * slot_sd / 2.0**preset.scale_bits
+
+
+def flooding_plan(
+    preset: CkksPreset, *, statistical_bits: int, query_budget: int, clip_range: float
+) -> FloodingPlan:
+    """The noise for ``preset`` at the configured level, checked against its precision.
+
+    Raises :class:`CkksParameterError` if the stated bound exceeds ``precision * C``.
+    """
+    if statistical_bits < 40:
+        raise CkksParameterError(
+            f"flooding.statistical_bits must be >= 40, got {statistical_bits}"
+        )
+    if query_budget < 1:
+        raise CkksParameterError(f"flooding.query_budget must be >= 1, got {query_budget}")
+    released = preset.poly_modulus_degree
+    t = fresh_error_bound(preset)
+    sigma = math.sqrt(24.0 * released * query_budget) * 2.0 ** (statistical_bits / 2.0) * t
+    bound = 7.0 * sigma + t
+    if bound > preset.precision * clip_range:
+        raise CkksParameterError(
+            f"preset {preset.name!r} cannot meet its precision {preset.precision} x C with "
+            f"C={clip_range}, {statistical_bits}-bit flooding and a query budget of "
+            f"{query_budget}: the flooded error bound is {bound:.3g} > {preset.precision * clip_range:.3g}; "
+            "lower flooding.query_budget (keys rotate sooner), raise clip_range, or use a "
+            "preset with a larger scale"
+        )
+    return FloodingPlan(
+        statistical_bits=statistical_bits,
+        query_budget=query_budget,
+        fresh_error=t,
+        mean_sigma=sigma,
+        mean_bound=bound,
+        released_values_per_query=released,
+    )
+
+
+def scalar_flooding_sigma(
+    preset: CkksPreset, *, statistical_bits: int, query_budget: int, sensitivity: float
+) -> float:
+    """Noise for one released scalar whose CKKS-error contribution is at most
+    ``sensitivity`` x the per-value fresh error bound (LMSS 2022 with n = 1)."""
+    t = fresh_error_bound(preset) * sensitivity
+    return math.sqrt(24.0 * query_budget) * 2.0 ** (statistical_bits / 2.0) * t
+
+
+# ---------------------------------------------------------------------------- contexts
+
+
+def _tmp_dir() -> str:
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else tempfile.gettempdir()
+
+
+_TMP = _tmp_dir()
+_local = threading.local()
+
+
+def _scratch() -> str:
+    path: str | None = getattr(_local, "path", None)
+    if path is None:
+        path = os.path.join(_TMP, f"secfl-ckks-{os.getpid()}-{threading.get_ident()}.bin")
+        _local.path = path
+        _local.pid = os.getpid()
+    elif _local.pid != os.getpid():  # forked child: never share the parent's scratch file
+        _local.path = None
+        return _scratch()
+    return path
+
+
+def _save(obj: Any) -> bytes:
+    path = _scratch()
+    obj.save(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    os.unlink(path)
+    return data
+
+
+def _load_into(obj: Any, context: Any, data: bytes, what: str) -> None:
+    path = _scratch()
+    with open(path, "wb") as f:
+        f.write(data)
+    try:
+        if context is None:
+            obj.load(path)
+        else:
+            obj.load(context, path)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise CkksError(
+            f"cannot load {what}: {exc} (corrupted bytes, or made under different CKKS "
+            "parameters / keys)"
+        ) from None
+    finally:
+        os.unlink(path)
+
+
+def _parameters(preset: CkksPreset, seed: bytes | None) -> Any:
+    params = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    params.set_poly_modulus_degree(preset.poly_modulus_degree)
+    params.set_coeff_modulus(
+        seal.CoeffModulus.Create(preset.poly_modulus_degree, list(preset.coeff_modulus_bits))
+    )
+    if seed is not None:
+        if len(seed) != 64:
+            raise CkksParameterError(f"a SEAL PRNG seed has 64 bytes, got {len(seed)}")
+        params.set_random_generator(
+            seal.Blake2xbPRNGFactory(list(struct.unpack("<8Q", seed)))
+        )
+    return params
+
+
+def _seal_context(params: Any, preset: CkksPreset, *, chain: bool = True) -> Any:
+    context = seal.SEALContext(params, chain, seal.SEC_LEVEL_TYPE.TC128)
+    if not context.parameters_set():
+        raise CkksParameterError(
+            f"preset {preset.name!r} rejected by SEAL: {context.parameters_error_message()}"
+        )
+    return context
+
+
+def _frame(parts: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def _unframe(data: bytes, what: str) -> list[bytes]:
+    parts: list[bytes] = []
+    offset = 0
+    view = memoryview(data)
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise CkksError(f"{what}: truncated length prefix at offset {offset}")
+        (length,) = struct.unpack_from(">I", view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise CkksError(f"{what}: truncated part of {length} bytes at offset {offset}")
+        parts.append(bytes(view[offset : offset + length]))
+        offset += length
+    return parts
+
+
+_CONTEXT_MAGIC = b"SFLCKKS1"
+
+
+class PublicContext:
+    """Parameters plus public key (and, for the server, evaluation keys). No secret key."""
+
+    def __init__(self, preset: CkksPreset, data: bytes) -> None:
+        if not data.startswith(_CONTEXT_MAGIC):
+            raise CkksError("public context: bad magic (not a secfl CKKS context)")
+        parts = _unframe(data[len(_CONTEXT_MAGIC) :], "public context")
+        if len(parts) not in (3, 5):
+            raise CkksError(f"public context: expected 3 or 5 parts, got {len(parts)}")
+        name = parts[0].decode("utf-8", "replace")
+        if name != preset.name:
+            raise CkksError(f"public context is for preset {name!r}, expected {preset.name!r}")
+        self.preset = preset
+        self.data = data
+        self.digest = hashlib.sha256(data).digest()
+        params = _parameters(preset, None)
+        loaded = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+        _load_into(loaded, None, parts[1], "CKKS parameters")
+        if loaded.coeff_modulus() and [m.value() for m in loaded.coeff_modulus()] != [
+            m.value() for m in params.coeff_modulus()
+        ]:
+            raise CkksError(f"public context parameters do not match preset {preset.name!r}")
+        self.context = _seal_context(params, preset)
+        self.public_key = seal.PublicKey()
+        _load_into(self.public_key, self.context, parts[2], "public key")
+        self.relin_keys: Any = None
+        self.galois_keys: Any = None
+        if len(parts) == 5:
+            self.relin_keys = seal.RelinKeys()
+            _load_into(self.relin_keys, self.context, parts[3], "relinearisation keys")
+            self.galois_keys = seal.GaloisKeys()
+            _load_into(self.galois_keys, self.context, parts[4], "Galois keys")
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.evaluator = seal.Evaluator(self.context)
+        self._encryptor = seal.Encryptor(self.context, self.public_key)
+        self.scale = 2.0**preset.scale_bits
+        self.data_modulus = math.prod(
+            m.value() for m in self.context.first_context_data().parms().coeff_modulus()
+        )
+
+    @property
+    def has_evaluation_keys(self) -> bool:
+        return self.galois_keys is not None
+
+    def max_total_weight(self, clip_range: float) -> int:
+        """Largest sum of integer weights whose weighted sum cannot wrap modulo Q.
+
+        A packed coefficient is at most 2*sqrt(2)*C in message units; the weighted sum of
+        weight W must stay below Q/2 with a factor-2 margin for the error.
+        """
+        return int(self.data_modulus // int(4 * 2 * math.sqrt(2) * clip_range * self.scale) + 1)
+
+    # -- packing and encryption ---------------------------------------------------------
+
+    def ciphertext_count(self, size: int) -> int:
+        return max(1, -(-size // self.preset.params_per_ciphertext))
+
+    def encrypt_chunk(self, values: np.ndarray, *, seed: bytes | None = None) -> bytes:
+        """Encrypt up to N reals (two per complex slot) and serialise (zstd, SEAL format).
+
+        With a 64-byte ``seed`` the encryption randomness comes from a SEAL context whose
+        PRNG factory is seeded with it. SEAL's seeded factory hands the *same* seed to every
+        PRNG it creates, so a seeded context must never encrypt twice: we build one per
+        ciphertext (seeded simulations only; costs about one encryption's time).
+        """
+        n = self.preset.params_per_ciphertext
+        if values.size > n:
+            raise CkksError(f"a ciphertext holds {n} parameters, got {values.size}")
+        padded = np.zeros(n, dtype=np.float64)
+        padded[: values.size] = values
+        slots = (padded[0::2] + 1j * padded[1::2]).tolist()
+        plain = seal.Plaintext()
+        self.encoder.encode(slots, self.scale, plain)
+        ct = seal.Ciphertext()
+        if seed is None:
+            self._encryptor.encrypt(plain, ct)
+        else:
+            once = _seal_context(_parameters(self.preset, seed), self.preset, chain=False)
+            seal.Encryptor(once, self.public_key).encrypt(plain, ct)
+        return _save(ct)
+
+    def load_ciphertext(self, data: bytes) -> Any:
+        ct = seal.Ciphertext()
+        _load_into(ct, self.context, data, "ciphertext")
+        if ct.size() != 2 or list(ct.parms_id()) != list(self.context.first_parms_id()):
+            raise CkksError(
+                "ciphertext is not a fresh two-component ciphertext at this context's top "
+                "level (wrong parameters, or a derived ciphertext)"
+            )
+        if abs(ct.scale - self.scale) > 1e-6 * self.scale:
+            raise CkksError(f"ciphertext scale {ct.scale} differs from the preset's {self.scale}")
+        return ct
+
+    def weighted_sum(self, columns: Sequence[Sequence[bytes]], weights: Sequence[int]) -> list[bytes]:
+        """``sum_i weights[i] * ct[i][k]`` for every ciphertext index k, serialised.
+
+        ``columns[i]`` are client i's ciphertexts in order. Integer weights are exact; the
+        accumulator is updated in place (no copies).
+        """
+        if len(columns) != len(weights) or not columns:
+            raise CkksError("weighted_sum needs one weight per contributor and >= 1 contributor")
+        count = len(columns[0])
+        plains = []
+        for w in weights:
+            if not (isinstance(w, int) and w >= 1):
+                raise CkksError(f"weights must be positive integers, got {w!r}")
+            plain = seal.Plaintext()
+            self.encoder.encode(float(w), 1.0, plain)
+            plains.append(plain)
+        out: list[bytes] = []
+        for k in range(count):
+            acc = self.load_ciphertext(columns[0][k])
+            self.evaluator.multiply_plain_inplace(acc, plains[0])
+            for i in range(1, len(columns)):
+                ct = self.load_ciphertext(columns[i][k])
+                self.evaluator.multiply_plain_inplace(ct, plains[i])
+                self.evaluator.add_inplace(acc, ct)
+            out.append(_save(acc))
+        return out
+
+    # -- trust-preset evaluation (server side) -------------------------------------------
+
+    def rotate(self, data: bytes, steps: int) -> bytes:
+        """Rotate a ciphertext's slots (needs Galois keys; used to test refusals)."""
+        if self.galois_keys is None:
+            raise CkksError(f"preset {self.preset.name!r} context has no Galois keys")
+        ct = self.load_ciphertext(data)
+        self.evaluator.rotate_vector_inplace(ct, steps, self.galois_keys)
+        return _save(ct)
+
+    def inner_product_plain(self, data: Sequence[bytes], reference: np.ndarray) -> bytes:
+        """Encrypted <x, reference> in slot 0's real part (one product, then rotations)."""
+        if self.galois_keys is None:
+            raise CkksError(f"preset {self.preset.name!r} context has no Galois keys")
+        n = self.preset.params_per_ciphertext
+        acc: Any = None
+        for k, blob in enumerate(data):
+            ct = self.load_ciphertext(blob)
+            part = np.zeros(n)
+            chunk = reference[k * n : (k + 1) * n]
+            part[: chunk.size] = chunk
+            # Re(z * conj(r)) = x_even r_even + x_odd r_odd: the real inner product.
+            plain = seal.Plaintext()
+            self.encoder.encode((part[0::2] - 1j * part[1::2]).tolist(), self.scale, plain)
+            self.evaluator.multiply_plain_inplace(ct, plain)
+            if acc is None:
+                acc = ct
+            else:
+                self.evaluator.add_inplace(acc, ct)
+        self.evaluator.rescale_to_next_inplace(acc)
+        slots = self.preset.poly_modulus_degree // 2
+        step = 1
+        while step < slots:
+            rotated = seal.Ciphertext()
+            self.evaluator.rotate_vector(acc, step, self.galois_keys, rotated)
+            self.evaluator.add_inplace(acc, rotated)
+            step *= 2
+        return _save(acc)
+
+
+class SecretContext:
+    """The decryptor's key material. Only :meth:`public_bytes` leaves this object."""
+
+    def __init__(self, preset: CkksPreset, *, seed: bytes | None = None) -> None:
+        self.preset = preset
+        params = _parameters(preset, None)
+        self._params_bytes = _save(params)
+        self.context = _seal_context(params, preset)
+        # A seeded SEAL factory repeats its seed for every PRNG it creates, so each random
+        # object gets its own seeded context: secret key, public key. Evaluation keys use
+        # the OS-seeded default (they never influence a released value: the decryptor
+        # recomputes every release from fresh client ciphertexts).
+        if seed is None:
+            keygen = seal.KeyGenerator(self.context)
+            self._secret_key = keygen.secret_key()
+            pk_keygen = keygen
+        else:
+            if len(seed) != 64:
+                raise CkksParameterError(f"a key-generation seed has 64 bytes, got {len(seed)}")
+            sk_ctx = _seal_context(
+                _parameters(preset, hashlib.sha512(seed + b"sk").digest()), preset
+            )
+            self._secret_key = seal.KeyGenerator(sk_ctx).secret_key()
+            pk_ctx = _seal_context(
+                _parameters(preset, hashlib.sha512(seed + b"pk").digest()), preset
+            )
+            pk_keygen = seal.KeyGenerator(pk_ctx, self._secret_key)
+            keygen = seal.KeyGenerator(self.context, self._secret_key)
+        self._public_key = seal.PublicKey()
+        pk_keygen.create_public_key(self._public_key)
+        parts = [preset.name.encode(), self._params_bytes, _save(self._public_key)]
+        client_parts = list(parts)
+        if preset.galois_keys:
+            relin = seal.RelinKeys()
+            keygen.create_relin_keys(relin)
+            galois = seal.GaloisKeys()
+            keygen.create_galois_keys(galois)
+            parts += [_save(relin), _save(galois)]
+        self._client_bytes = _CONTEXT_MAGIC + _frame(client_parts)
+        self._server_bytes = _CONTEXT_MAGIC + _frame(parts)
+        self._decryptor = seal.Decryptor(self.context, self._secret_key)
+        self._encoder = seal.CKKSEncoder(self.context)
+        self.public = PublicContext(preset, self._server_bytes)
+
+    def client_context_bytes(self) -> bytes:
+        """Parameters and public key: what a client needs to encrypt."""
+        return self._client_bytes
+
+    def server_context_bytes(self) -> bytes:
+        """Client context plus relinearisation and Galois keys (trust preset only)."""
+        return self._server_bytes
+
+    def secret_key_bytes_for_tests(self) -> bytes:
+        """The serialised secret key, so tests can prove no public output contains it."""
+        return _save(self._secret_key)
+
+    def decrypt(self, data: bytes, size: int) -> np.ndarray:
+        """Decrypt a ciphertext of this context's top level into ``size`` float64 reals."""
+        ct = self.public.load_ciphertext(data)
+        return self._decrypt_loaded(ct, size)
+
+    def decrypt_any_level(self, data: bytes) -> np.ndarray:
+        ct = seal.Ciphertext()
+        _load_into(ct, self.context, data, "ciphertext")
+        return self._decrypt_loaded(ct, self.preset.params_per_ciphertext)
+
+    def _decrypt_loaded(self, ct: Any, size: int) -> np.ndarray:
+        plain = seal.Plaintext()
+        self._decryptor.decrypt(ct, plain)
+        slots = np.asarray(self._encoder.decode_complex(plain), dtype=np.complex128)
+        out = np.empty(2 * slots.size, dtype=np.float64)
+        out[0::2] = slots.real
+        out[1::2] = slots.imag
+        return out[:size]
+
+
+def decrypt_with_foreign_key(public: PublicContext, data: bytes) -> np.ndarray:
+    """What a party without the secret key gets if it tries: a decryption under a fresh,
+    unrelated secret key of the same parameters (tests show it is noise)."""
+    keygen = seal.KeyGenerator(public.context)
+    decryptor = seal.Decryptor(public.context, keygen.secret_key())
+    ct = public.load_ciphertext(data)
+    plain = seal.Plaintext()
+    decryptor.decrypt(ct, plain)
+    slots = np.asarray(public.encoder.decode_complex(plain), dtype=np.complex128)
+    out = np.empty(2 * slots.size, dtype=np.float64)
+    out[0::2] = slots.real
+    out[1::2] = slots.imag
+    return out
+
+
+# ---------------------------------------------------------------------------- parallel
+
+_WORKERS = 2
+_PARALLEL_MIN_CIPHERTEXTS = 8
+_pool: ProcessPoolExecutor | None = None
+_pool_pid: int | None = None
+_worker_contexts: dict[bytes, PublicContext] = {}
+
+
+def _get_pool() -> ProcessPoolExecutor:
+    """A persistent pool of two forked workers (the machines have two cores).
+
+    ``fork`` keeps start-up cheap (no re-import of torch); workers only run SEAL code.
+    """
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid():
+        _pool = ProcessPoolExecutor(max_workers=_WORKERS, mp_context=get_context("fork"))
+        _pool_pid = os.getpid()
+    return _pool
+
+
+def _worker_context(preset_name: str, data: bytes, digest: bytes) -> PublicContext:
+    ctx = _worker_contexts.get(digest)
+    if ctx is None:
+        _worker_contexts.clear()
+        ctx = PublicContext(get_preset(preset_name), data)
+        _worker_contexts[digest] = ctx
+    return ctx
+
+
+def _encrypt_task(
+    preset_name: str, context: bytes, digest: bytes, values: np.ndarray, seed: bytes | None
+) -> list[bytes]:
+    ctx = _worker_context(preset_name, context, digest)
+    n = ctx.preset.params_per_ciphertext
+    return [
+        ctx.encrypt_chunk(
+            values[i : i + n],
+            seed=None if seed is None else hashlib.sha512(seed + struct.pack(">Q", i)).digest(),
+        )
+        for i in range(0, values.size, n)
+    ]
+
+
+def _sum_task(
+    preset_name: str,
+    context: bytes,
+    digest: bytes,
+    columns: list[list[bytes]],
+    weights: list[int],
+) -> list[bytes]:
+    ctx = _worker_context(preset_name, context, digest)
+    return ctx.weighted_sum(columns, weights)
+
+
+def _split(count: int, parts: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, count, parts + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def encrypt_vector(
+    public: PublicContext,
+    values: np.ndarray,
+    *,
+    seed: bytes | None = None,
+    parallel: bool | None = None,
+) -> list[bytes]:
+    """Pack ``values`` into complete ciphertexts and encrypt them, over both cores.
+
+    With a ``seed`` (64 bytes, seeded simulations only) each half of the vector is
+    encrypted under a SEAL PRNG seeded from ``sha256(seed || half index)``, so the result
+    does not depend on scheduling.
+    """
+    flat = np.ascontiguousarray(values, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(flat)):
+        raise CkksError("cannot encrypt NaN or infinite values")
+    n = public.preset.params_per_ciphertext
+    count = public.ciphertext_count(flat.size)
+    use_pool = parallel if parallel is not None else count >= _PARALLEL_MIN_CIPHERTEXTS
+    ranges = _split(count, _WORKERS)
+    seeds = [
+        None if seed is None else hashlib.sha512(seed + struct.pack(">I", i)).digest()
+        for i in range(len(ranges))
+    ]
+    if not use_pool:
+        out: list[bytes] = []
+        for (a, b), part_seed in zip(ranges, seeds, strict=True):
+            out += _encrypt_task(
+                public.preset.name, public.data, public.digest, flat[a * n : b * n], part_seed
+            )
+        return out if flat.size else [public.encrypt_chunk(flat)]
+    pool = _get_pool()
+    futures = [
+        pool.submit(
+            _encrypt_task,
+            public.preset.name,
+            public.data,
+            public.digest,
+            flat[a * n : b * n],
+            part_seed,
+        )
+        for (a, b), part_seed in zip(ranges, seeds, strict=True)
+    ]
+    result: list[bytes] = []
+    for future in futures:
+        result += future.result()
+    return result
+
+
+def weighted_sum(
+    public: PublicContext,
+    ciphertexts: Sequence[Sequence[bytes]],
+    weights: Sequence[int],
+    *,
+    parallel: bool | None = None,
+) -> list[bytes]:
+    """Per-index weighted sum of every contributor's ciphertexts, split over both cores by
+    ciphertext index (each worker deserialises and accumulates its share in place)."""
+    if not ciphertexts:
+        raise CkksError("weighted_sum needs at least one contributor")
+    count = len(ciphertexts[0])
+    for i, column in enumerate(ciphertexts):
+        if len(column) != count:
+            raise CkksError(
+                f"contributor {i} sent {len(column)} ciphertexts, expected {count}"
+            )
+    use_pool = parallel if parallel is not None else count >= _PARALLEL_MIN_CIPHERTEXTS
+    if not use_pool:
+        return public.weighted_sum(ciphertexts, list(weights))
+    pool = _get_pool()
+    futures = [
+        pool.submit(
+            _sum_task,
+            public.preset.name,
+            public.data,
+            public.digest,
+            [list(column[a:b]) for column in ciphertexts],
+            list(weights),
+        )
+        for a, b in _split(count, _WORKERS)
+    ]
+    out: list[bytes] = []
+    for future in futures:
+        out += future.result()
+    return out
+
+
+# ---------------------------------------------------------------------------- baselines
+
+
+def naive_tenseal_context(preset: CkksPreset) -> Any:
+    """The same preset through TenSEAL's high-level API (real slots): the benchmark baseline."""
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        preset.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(preset.coeff_modulus_bits),
+    )
+    ctx.global_scale = 2.0**preset.scale_bits
+    return ctx
+
+
+def naive_encrypt(ctx: Any, values: np.ndarray) -> list[bytes]:
+    """Single-process ``ckks_vector`` + ``serialize`` per slot-sized chunk."""
+    slots = ctx.seal_context().first_context_data().parms().poly_modulus_degree() // 2
+    return [
+        ts.ckks_vector(ctx, values[i : i + slots]).serialize()
+        for i in range(0, values.size, slots)
+    ]
+
+
+def naive_sum(ctx: Any, blobs: Sequence[Sequence[bytes]]) -> list[Any]:
+    """Deserialise every client's vectors and ``a + b`` them (allocating) per client."""
+    total = [ts.ckks_vector_from(ctx, b) for b in blobs[0]]
+    for client in blobs[1:]:
+        total = [t + ts.ckks_vector_from(ctx, b) for t, b in zip(total, client, strict=True)]
+    return total

@@ -1,0 +1,93 @@
+"""The client side of mode ``ckks``: train, clip, encrypt under the public key, sign."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from secfl.client.app import ClientApp
+from secfl.crypto import ckks
+from secfl.crypto.sign import SigningKey
+from secfl.errors import CkksError
+from secfl.he.messages import (
+    UPDATE_SIGNATURE_CONTEXT,
+    CkksFitIns,
+    EncryptedUpdate,
+    frame_blobs,
+    signed_update_payload,
+)
+from secfl.messages import FitIns
+
+
+class CkksClient:
+    """A client's CKKS state: its identity key and the public context it last received.
+
+    It never holds a secret CKKS key; :class:`~secfl.crypto.ckks.PublicContext` cannot decrypt.
+    """
+
+    def __init__(
+        self,
+        app: ClientApp,
+        preset: ckks.CkksPreset,
+        *,
+        clip_range: float,
+        identity: SigningKey,
+    ) -> None:
+        self._app = app
+        self._preset = preset
+        self._clip_range = clip_range
+        self._identity = identity
+        self._context: ckks.PublicContext | None = None
+
+    @property
+    def public_identity(self) -> bytes:
+        return self._identity.public_bytes()
+
+    def attach(self) -> None:
+        self._app.register(CkksFitIns, self.on_fit)
+
+    def _public_context(self, data: bytes) -> ckks.PublicContext:
+        if self._context is None or self._context.data != data:
+            self._context = ckks.PublicContext(self._preset, data)
+        if self._context.has_evaluation_keys:
+            raise CkksError("a client must receive the public-key-only context")
+        return self._context
+
+    def on_fit(self, ins: CkksFitIns) -> EncryptedUpdate:
+        context = self._public_context(ins.context)
+        delta, result = self._app.train(
+            FitIns(
+                round=ins.round, attempt=ins.attempt, model_hash=ins.model_hash, weights=ins.weights
+            )
+        )
+        # Encoding bounds are enforced, never wrapped: the update is clipped to [-C, C].
+        clipped = np.clip(delta.astype(np.float64), -self._clip_range, self._clip_range)
+        seed = None
+        if not self._app.randomness.secure:  # seeded simulation: reproducible ciphertexts
+            seed = self._app.randomness.stream(
+                "ckks.encrypt", round_index=ins.round, attempt=ins.attempt, party=self._app.party
+            ).bytes(64)
+        blobs = frame_blobs(ckks.encrypt_vector(context, clipped, seed=seed))
+        fields = {
+            "round_index": ins.round,
+            "attempt": ins.attempt,
+            "client_id": self._app.client_id,
+            "epoch": ins.epoch,
+            "model_hash": ins.model_hash,
+            "context_digest": context.digest,
+            "num_samples": result.num_samples,
+            "model_size": int(delta.size),
+            "ciphertexts": blobs,
+        }
+        signature = self._identity.sign(UPDATE_SIGNATURE_CONTEXT, signed_update_payload(**fields))
+        return EncryptedUpdate(
+            round=ins.round,
+            attempt=ins.attempt,
+            client_id=self._app.client_id,
+            epoch=ins.epoch,
+            model_hash=ins.model_hash,
+            context_digest=context.digest,
+            num_samples=result.num_samples,
+            model_size=int(delta.size),
+            ciphertexts=blobs,
+            signature=signature,
+        )

@@ -1,0 +1,422 @@
+"""The decryptor role: holds the CKKS secret key and releases only what its policy allows.
+
+Policy (DESIGN §3, issue 4). The decryptor never decrypts a ciphertext it is handed. It
+receives the client-signed updates, verifies every signature, recomputes what it is asked
+for, and releases
+
+(a) the weighted mean of one round attempt's updates, once per attempt, if at least
+    ``min_cohort`` distinct clients contribute, no signed weight exceeds
+    ``max_weight_share`` of the total, and the server's aggregate ciphertext equals the
+    decryptor's recomputation (a rotated, derived or substituted aggregate is refused);
+(b) at most three trust scalars per client per round attempt, one of each kind
+    (``reference``, ``norm``, ``trusted``); the reference vector and the trusted party are
+    fixed by the first request of the attempt.
+
+Every release is noise-flooded (LMSS 2022, see :func:`secfl.crypto.ckks.flooding_plan`) with
+noise from the run's randomness stream ``ckks.flooding``, counted against the key epoch's
+query budget, and logged (``ckks_release``); every refusal is logged with its reason
+(``ckks_refusal``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from secfl.audit.events import EventLog, register_event
+from secfl.crypto import ckks
+from secfl.crypto.sign import verify_signature
+from secfl.errors import CkksError, DecryptorRefusal, MessageError, SecflError, SignatureError
+from secfl.he.messages import (
+    SCALAR_KINDS,
+    UPDATE_SIGNATURE_CONTEXT,
+    ContextReply,
+    ContextRequest,
+    DecryptRequest,
+    EncryptedUpdate,
+    Refusal,
+    ScalarRelease,
+    ScalarRequest,
+    SumRelease,
+    SumRequest,
+    frame_blobs,
+    unframe_blobs,
+)
+from secfl.randomness import Randomness
+from secfl.wire import WireMessage, decode_message
+
+register_event(
+    "ckks_release",
+    ("round", "attempt", "epoch", "kind", "clients", "total_weight", "noise_sigma"),
+)
+register_event("ckks_refusal", ("round", "attempt", "request", "reason"))
+register_event("ckks_key_epoch", ("epoch", "preset", "statistical_bits", "query_budget"))
+
+
+@dataclass(frozen=True)
+class DecryptorPolicy:
+    min_cohort: int
+    max_weight_share: float
+    clip_range: float
+    statistical_bits: int
+    query_budget: int
+
+
+def rounds_per_epoch(query_budget: int, num_clients: int) -> int:
+    """Rounds one key serves: a round releases at most one sum and 3 scalars per client."""
+    return max(1, query_budget // (1 + 3 * num_clients))
+
+
+def epoch_of_round(round_index: int, per_epoch: int) -> int:
+    return (max(round_index, 1) - 1) // per_epoch
+
+
+@dataclass
+class _AttemptState:
+    sum_released: bool = False
+    scalars: dict[int, set[str]] = field(default_factory=dict)
+    reference_digest: bytes | None = None
+    trusted_party: int | None = None
+
+
+class Decryptor:
+    """The key holder. Reach it only through :meth:`handle` (request bytes -> reply bytes)."""
+
+    def __init__(
+        self,
+        preset: ckks.CkksPreset,
+        policy: DecryptorPolicy,
+        *,
+        client_keys: Mapping[int, bytes],
+        randomness: Randomness,
+        events: EventLog,
+    ) -> None:
+        self._preset = preset
+        self._policy = policy
+        self._plan = ckks.flooding_plan(
+            preset,
+            statistical_bits=policy.statistical_bits,
+            query_budget=policy.query_budget,
+            clip_range=policy.clip_range,
+        )
+        self._client_keys = dict(client_keys)
+        self._randomness = randomness
+        self._events = events
+        self._keys: dict[int, ckks.SecretContext] = {}
+        self._queries: dict[int, int] = {}
+        self._attempts: dict[tuple[int, int], _AttemptState] = {}
+        self._seen_ciphertexts: set[bytes] = set()
+
+    @property
+    def plan(self) -> ckks.FloodingPlan:
+        return self._plan
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def _secret(self, epoch: int) -> ckks.SecretContext:
+        key = self._keys.get(epoch)
+        if key is None:
+            seed = None
+            if not self._randomness.secure:  # seeded simulation: reproducible keys
+                seed = self._randomness.stream(
+                    "ckks.keygen", round_index=epoch, party="decryptor"
+                ).bytes(64)
+            key = ckks.SecretContext(self._preset, seed=seed)
+            self._keys = {e: k for e, k in self._keys.items() if e >= epoch - 1}
+            self._keys[epoch] = key
+            self._queries.setdefault(epoch, 0)
+            self._events.emit(
+                "ckks_key_epoch",
+                epoch=epoch,
+                preset=self._preset.name,
+                statistical_bits=self._plan.statistical_bits,
+                query_budget=self._plan.query_budget,
+            )
+        return key
+
+    # -- entry point --------------------------------------------------------------------
+
+    def handle(self, payload: bytes) -> bytes:
+        round_index, attempt, name = 0, 0, "unknown"
+        try:
+            request = decode_message(payload)
+            round_index = int(getattr(request, "round", 0))
+            attempt = int(getattr(request, "attempt", 0))
+            name = type(request).__name__
+            reply = self._dispatch(request)
+        except (DecryptorRefusal, SignatureError, MessageError, CkksError) as exc:
+            reason = "a signature did not verify" if isinstance(exc, SignatureError) else str(exc)
+            self._events.emit(
+                "ckks_refusal", round=round_index, attempt=attempt, request=name, reason=reason
+            )
+            reply = Refusal(round=round_index, attempt=attempt, request=name, reason=reason)
+        return reply.to_bytes()
+
+    def _dispatch(self, request: WireMessage) -> WireMessage:
+        if isinstance(request, ContextRequest):
+            return self._context(request)
+        if isinstance(request, SumRequest):
+            return self._release_sum(request)
+        if isinstance(request, ScalarRequest):
+            return self._release_scalar(request)
+        if isinstance(request, DecryptRequest):
+            raise DecryptorRefusal(self._trace(request.ciphertext))
+        raise DecryptorRefusal(f"the decryptor does not serve {type(request).__name__} messages")
+
+    def _context(self, request: ContextRequest) -> ContextReply:
+        key = self._secret(request.epoch)
+        if request.audience == "client":
+            data = key.client_context_bytes()
+        elif request.audience == "server":
+            data = key.server_context_bytes()
+        else:
+            raise DecryptorRefusal(
+                f"context audience {request.audience!r} is unknown; allowed: client, server"
+            )
+        return ContextReply(
+            epoch=request.epoch, preset=self._preset.name, audience=request.audience, context=data
+        )
+
+    def _trace(self, ciphertext: bytes) -> str:
+        digest = hashlib.sha256(ciphertext).digest()
+        if digest in self._seen_ciphertexts:
+            return (
+                "refused: that is a single client's ciphertext; only weighted sums over "
+                f">= {self._policy.min_cohort} clients and trust scalars are released"
+            )
+        return (
+            "refused: the ciphertext cannot be traced to client-signed updates (rotated, "
+            "derived or unknown); the decryptor only decrypts what it recomputed itself"
+        )
+
+    # -- checks shared by both release kinds ---------------------------------------------
+
+    def _verified(self, raw: bytes, round_index: int, attempt: int) -> EncryptedUpdate:
+        update = EncryptedUpdate.from_bytes(raw)
+        public_key = self._client_keys.get(update.client_id)
+        if public_key is None:
+            raise DecryptorRefusal(f"client {update.client_id} has no registered identity key")
+        verify_signature(
+            public_key, update.signature, UPDATE_SIGNATURE_CONTEXT, update.signed_payload()
+        )
+        if (update.round, update.attempt) != (round_index, attempt):
+            raise DecryptorRefusal(
+                f"update of client {update.client_id} is for round {update.round} attempt "
+                f"{update.attempt}, the request for round {round_index} attempt {attempt}"
+            )
+        key = self._secret(update.epoch)
+        if update.context_digest != key.public.digest:
+            raise DecryptorRefusal(
+                f"update of client {update.client_id} was encrypted under another context"
+            )
+        for blob in unframe_blobs(update.ciphertexts, "EncryptedUpdate.ciphertexts"):
+            self._seen_ciphertexts.add(hashlib.sha256(blob).digest())
+        return update
+
+    def _charge(self, epoch: int, queries: int) -> None:
+        used = self._queries.get(epoch, 0)
+        if used + queries > self._plan.query_budget:
+            raise DecryptorRefusal(
+                f"key epoch {epoch} has used {used} of its {self._plan.query_budget} "
+                "decryption queries; flooding is stated for that budget, keys must rotate"
+            )
+        self._queries[epoch] = used + queries
+
+    def _noise(self, round_index: int, attempt: int, purpose: str, size: int) -> np.ndarray:
+        stream = self._randomness.stream(
+            f"ckks.flooding.{purpose}", round_index=round_index, attempt=attempt, party="decryptor"
+        )
+        return stream.normal(size)
+
+    # -- (a) weighted sums --------------------------------------------------------------
+
+    def _release_sum(self, request: SumRequest) -> SumRelease:
+        policy = self._policy
+        state = self._attempts.setdefault((request.round, request.attempt), _AttemptState())
+        if state.sum_released:
+            raise DecryptorRefusal(
+                f"a weighted sum of round {request.round} attempt {request.attempt} was "
+                "already released; a second (differencing) sum is refused"
+            )
+        raws = unframe_blobs(request.updates, "SumRequest.updates")
+        updates = [self._verified(raw, request.round, request.attempt) for raw in raws]
+        ids = [u.client_id for u in updates]
+        if len(set(ids)) != len(ids):
+            raise DecryptorRefusal(f"a client appears twice in the sum: {sorted(ids)}")
+        if len(updates) < policy.min_cohort:
+            raise DecryptorRefusal(
+                f"a sum over {len(updates)} client(s) is refused: aggregation.min_cohort is "
+                f"{policy.min_cohort}"
+            )
+        first = updates[0]
+        for u in updates:
+            if (u.epoch, u.model_hash, u.model_size) != (
+                first.epoch,
+                first.model_hash,
+                first.model_size,
+            ):
+                raise DecryptorRefusal(
+                    "updates disagree on key epoch, model or model size; they cannot be summed"
+                )
+        if first.epoch != request.epoch:
+            raise DecryptorRefusal(f"updates are for key epoch {first.epoch}, not {request.epoch}")
+        weights = [int(u.num_samples) for u in updates]
+        total = sum(weights)
+        top = max(weights)
+        if top > policy.max_weight_share * total:
+            raise DecryptorRefusal(
+                f"weight vector dominated: client {ids[weights.index(top)]} holds "
+                f"{top / total:.3f} of the total weight, max_weight_share is "
+                f"{policy.max_weight_share}"
+            )
+        key = self._secret(first.epoch)
+        limit = key.public.max_total_weight(policy.clip_range)
+        if total > limit:
+            raise DecryptorRefusal(
+                f"total weight {total} exceeds {limit}, the most the preset's modulus holds "
+                f"at clip_range {policy.clip_range}"
+            )
+        columns = [unframe_blobs(u.ciphertexts, "EncryptedUpdate.ciphertexts") for u in updates]
+        expected = key.public.ciphertext_count(first.model_size)
+        for u, column in zip(updates, columns, strict=True):
+            if len(column) != expected:
+                raise DecryptorRefusal(
+                    f"client {u.client_id} sent {len(column)} ciphertexts, a model of "
+                    f"{first.model_size} parameters needs {expected}"
+                )
+        recomputed = ckks.weighted_sum(key.public, columns, weights)
+        claimed = unframe_blobs(request.aggregate, "SumRequest.aggregate")
+        if frame_blobs(recomputed) != frame_blobs(claimed):
+            raise DecryptorRefusal(
+                "the server's aggregate does not equal the decryptor's recomputation from the "
+                "signed updates (rotated, derived or substituted ciphertext)"
+            )
+        self._charge(first.epoch, len(recomputed))
+        n = self._preset.params_per_ciphertext
+        decrypted = np.concatenate([key.decrypt(ct, n) for ct in recomputed])[: first.model_size]
+        sigma = self._plan.sum_sigma(total)
+        noise = self._noise(request.round, request.attempt, "sum", decrypted.size) * sigma
+        mean = ((decrypted + noise) / total).astype(np.float32)
+        state.sum_released = True
+        self._events.emit(
+            "ckks_release",
+            round=request.round,
+            attempt=request.attempt,
+            epoch=first.epoch,
+            kind="weighted_mean",
+            clients=sorted(ids),
+            total_weight=total,
+            noise_sigma=self._plan.mean_sigma,
+        )
+        order = np.argsort(ids)
+        return SumRelease(
+            round=request.round,
+            attempt=request.attempt,
+            contributors=tuple(int(ids[i]) for i in order),
+            total_weight=total,
+            noise_sigma=self._plan.mean_sigma,
+            error_bound=self._plan.mean_bound,
+            mean=mean,
+        )
+
+    # -- (b) trust scalars --------------------------------------------------------------
+
+    def _release_scalar(self, request: ScalarRequest) -> ScalarRelease:
+        if request.kind not in SCALAR_KINDS:
+            raise DecryptorRefusal(
+                f"scalar kind {request.kind!r} is not released; allowed: {SCALAR_KINDS}"
+            )
+        state = self._attempts.setdefault((request.round, request.attempt), _AttemptState())
+        update = self._verified(request.update, request.round, request.attempt)
+        released = state.scalars.setdefault(update.client_id, set())
+        if len(released) >= len(SCALAR_KINDS):
+            raise DecryptorRefusal(
+                f"client {update.client_id} already has {len(released)} trust scalars in "
+                f"round {request.round}; at most three per client per round are released"
+            )
+        if request.kind in released:
+            raise DecryptorRefusal(
+                f"the {request.kind!r} scalar of client {update.client_id} was already "
+                f"released in round {request.round}"
+            )
+        key = self._secret(update.epoch)
+        n = self._preset.params_per_ciphertext
+        x = np.concatenate(
+            [
+                key.decrypt(ct, n)
+                for ct in unframe_blobs(update.ciphertexts, "EncryptedUpdate.ciphertexts")
+            ]
+        )[: update.model_size]
+        bound = self._policy.clip_range * update.model_size  # ||x||_1 <= d C
+        if request.kind == "reference":
+            reference = np.asarray(request.reference, dtype=np.float64)
+            if reference.size != update.model_size or not np.all(np.isfinite(reference)):
+                raise DecryptorRefusal(
+                    f"reference must be {update.model_size} finite values, got {reference.size}"
+                )
+            digest = hashlib.sha256(reference.tobytes()).digest()
+            if state.reference_digest not in (None, digest):
+                raise DecryptorRefusal(
+                    f"round {request.round} already uses another reference vector; one per round"
+                )
+            state.reference_digest = digest
+            value = float(np.dot(x, reference))
+            sensitivity = float(np.abs(reference).sum())
+        elif request.kind == "norm":
+            value = float(np.dot(x, x))
+            sensitivity = 2.0 * bound
+        else:
+            other = self._verified(request.other, request.round, request.attempt)
+            if other.client_id == update.client_id:
+                raise DecryptorRefusal("the trusted party must be another client")
+            if state.trusted_party not in (None, other.client_id):
+                raise DecryptorRefusal(
+                    f"round {request.round} elected client {state.trusted_party} as trusted "
+                    f"party; a scalar against client {other.client_id} is refused"
+                )
+            if other.model_size != update.model_size or other.epoch != update.epoch:
+                raise DecryptorRefusal("the trusted party's update does not match in size/epoch")
+            state.trusted_party = other.client_id
+            y = np.concatenate(
+                [
+                    key.decrypt(ct, n)
+                    for ct in unframe_blobs(other.ciphertexts, "EncryptedUpdate.ciphertexts")
+                ]
+            )[: other.model_size]
+            value = float(np.dot(x, y))
+            sensitivity = 2.0 * bound
+        self._charge(update.epoch, 1)
+        sigma = ckks.scalar_flooding_sigma(
+            self._preset,
+            statistical_bits=self._policy.statistical_bits,
+            query_budget=self._policy.query_budget,
+            sensitivity=max(sensitivity, 1.0),
+        )
+        noise = self._noise(
+            request.round, request.attempt, f"scalar.{update.client_id}.{request.kind}", 1
+        )
+        released.add(request.kind)
+        self._events.emit(
+            "ckks_release",
+            round=request.round,
+            attempt=request.attempt,
+            epoch=update.epoch,
+            kind=f"scalar:{request.kind}",
+            clients=[update.client_id],
+            total_weight=int(update.num_samples),
+            noise_sigma=sigma,
+        )
+        if not math.isfinite(value):
+            raise SecflError("trust scalar is not finite")
+        return ScalarRelease(
+            round=request.round,
+            attempt=request.attempt,
+            client_id=update.client_id,
+            kind=request.kind,
+            value=value + float(noise[0]) * sigma,
+            noise_sigma=sigma,
+        )

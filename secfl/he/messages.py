@@ -1,0 +1,292 @@
+"""Messages of the CKKS protocol (type ids 200-299), and the signed part of an update.
+
+Ciphertext lists travel as one ``bytes`` field: each ciphertext (SEAL's zstd-compressed
+serialisation) prefixed by its u32 big-endian length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from secfl.errors import MessageError
+from secfl.wire import WireMessage
+
+#: Domain-separation label of a client's update signature.
+UPDATE_SIGNATURE_CONTEXT = b"secfl/ckks/update/v1"
+
+
+def frame_blobs(blobs: Sequence[bytes]) -> bytes:
+    """Concatenate byte strings, each prefixed by its u32 big-endian length."""
+    return b"".join(struct.pack(">I", len(b)) + b for b in blobs)
+
+
+def unframe_blobs(data: bytes, what: str) -> list[bytes]:
+    """Inverse of :func:`frame_blobs`; raises :class:`MessageError` on truncation."""
+    out: list[bytes] = []
+    view = memoryview(data)
+    offset = 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise MessageError(f"{what}: truncated length prefix at offset {offset}")
+        (length,) = struct.unpack_from(">I", view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise MessageError(f"{what}: part of {length} bytes truncated at offset {offset}")
+        out.append(bytes(view[offset : offset + length]))
+        offset += length
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class CkksFitIns(WireMessage):
+    """Server -> client: train from this model, encrypt under this (public) context."""
+
+    TYPE_ID: ClassVar[int] = 200
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("round", "u32"),
+        ("attempt", "u32"),
+        ("model_hash", "bytes"),
+        ("weights", "f32"),
+        ("epoch", "u32"),
+        ("context", "bytes"),
+    )
+    round: int
+    attempt: int
+    model_hash: bytes
+    weights: np.ndarray
+    epoch: int
+    context: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class EncryptedUpdate(WireMessage):
+    """Client -> server (forwarded to the decryptor): the encrypted, signed update."""
+
+    TYPE_ID: ClassVar[int] = 201
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("round", "u32"),
+        ("attempt", "u32"),
+        ("client_id", "u32"),
+        ("epoch", "u32"),
+        ("model_hash", "bytes"),
+        ("context_digest", "bytes"),
+        ("num_samples", "u64"),
+        ("model_size", "u64"),
+        ("ciphertexts", "bytes"),
+        ("signature", "bytes"),
+    )
+    round: int
+    attempt: int
+    client_id: int
+    epoch: int
+    model_hash: bytes
+    context_digest: bytes
+    num_samples: int
+    model_size: int
+    ciphertexts: bytes
+    signature: bytes
+
+    def signed_payload(self) -> bytes:
+        return signed_update_payload(
+            round_index=self.round,
+            attempt=self.attempt,
+            client_id=self.client_id,
+            epoch=self.epoch,
+            model_hash=self.model_hash,
+            context_digest=self.context_digest,
+            num_samples=self.num_samples,
+            model_size=self.model_size,
+            ciphertexts=self.ciphertexts,
+        )
+
+
+def signed_update_payload(
+    *,
+    round_index: int,
+    attempt: int,
+    client_id: int,
+    epoch: int,
+    model_hash: bytes,
+    context_digest: bytes,
+    num_samples: int,
+    model_size: int,
+    ciphertexts: bytes,
+) -> bytes:
+    """What a client signs: every field but the signature, ciphertexts by SHA-256."""
+    return (
+        struct.pack(">IIIIQQ", round_index, attempt, client_id, epoch, num_samples, model_size)
+        + struct.pack(">H", len(model_hash))
+        + model_hash
+        + struct.pack(">H", len(context_digest))
+        + context_digest
+        + hashlib.sha256(ciphertexts).digest()
+    )
+
+
+@dataclass(frozen=True)
+class ContextRequest(WireMessage):
+    """Server -> decryptor: the public context of key epoch ``epoch`` for an audience."""
+
+    TYPE_ID: ClassVar[int] = 202
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u32"), ("audience", "str"))
+    epoch: int
+    audience: str  # "client" (public key) or "server" (plus evaluation keys)
+
+
+@dataclass(frozen=True)
+class ContextReply(WireMessage):
+    TYPE_ID: ClassVar[int] = 203
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("epoch", "u32"),
+        ("preset", "str"),
+        ("audience", "str"),
+        ("context", "bytes"),
+    )
+    epoch: int
+    preset: str
+    audience: str
+    context: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class SumRequest(WireMessage):
+    """Server -> decryptor: release the weighted mean of these signed updates.
+
+    ``updates`` are the clients' :class:`EncryptedUpdate` encodings, framed; ``aggregate``
+    the server's framed sum ciphertexts, which the decryptor checks against its own
+    recomputation and never decrypts.
+    """
+
+    TYPE_ID: ClassVar[int] = 204
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("round", "u32"),
+        ("attempt", "u32"),
+        ("epoch", "u32"),
+        ("updates", "bytes"),
+        ("aggregate", "bytes"),
+    )
+    round: int
+    attempt: int
+    epoch: int
+    updates: bytes
+    aggregate: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class SumRelease(WireMessage):
+    """Decryptor -> server: the flooded weighted mean and what it was computed over."""
+
+    TYPE_ID: ClassVar[int] = 205
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("round", "u32"),
+        ("attempt", "u32"),
+        ("contributors", "ids"),
+        ("total_weight", "u64"),
+        ("noise_sigma", "f64"),
+        ("error_bound", "f64"),
+        ("mean", "f32"),
+    )
+    round: int
+    attempt: int
+    contributors: tuple[int, ...]
+    total_weight: int
+    noise_sigma: float
+    error_bound: float
+    mean: np.ndarray
+
+
+#: Trust-scalar kinds (policy (b)): at most one of each per client per round attempt.
+SCALAR_KINDS = ("reference", "norm", "trusted")
+
+
+@dataclass(frozen=True, eq=False)
+class ScalarRequest(WireMessage):
+    """Server -> decryptor: one trust scalar of one client.
+
+    ``kind`` ``reference``: <x, reference>; ``norm``: ||x||^2; ``trusted``: <x, y> with the
+    elected trusted party's signed update ``other``.
+    """
+
+    TYPE_ID: ClassVar[int] = 206
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("round", "u32"),
+        ("attempt", "u32"),
+        ("kind", "str"),
+        ("update", "bytes"),
+        ("reference", "f32"),
+        ("other", "bytes"),
+    )
+    round: int
+    attempt: int
+    kind: str
+    update: bytes
+    reference: np.ndarray
+    other: bytes
+
+
+@dataclass(frozen=True)
+class ScalarRelease(WireMessage):
+    TYPE_ID: ClassVar[int] = 207
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("round", "u32"),
+        ("attempt", "u32"),
+        ("client_id", "u32"),
+        ("kind", "str"),
+        ("value", "f64"),
+        ("noise_sigma", "f64"),
+    )
+    round: int
+    attempt: int
+    client_id: int
+    kind: str
+    value: float
+    noise_sigma: float
+
+
+@dataclass(frozen=True, eq=False)
+class DecryptRequest(WireMessage):
+    """Anyone -> decryptor: decrypt this ciphertext. Always refused, with the trace result
+    as the reason: the decryptor decrypts only what it recomputed itself."""
+
+    TYPE_ID: ClassVar[int] = 208
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("round", "u32"),
+        ("attempt", "u32"),
+        ("ciphertext", "bytes"),
+    )
+    round: int
+    attempt: int
+    ciphertext: bytes
+
+
+@dataclass(frozen=True)
+class Refusal(WireMessage):
+    """Decryptor -> requester: the request was refused, and why."""
+
+    TYPE_ID: ClassVar[int] = 209
+    VERSION: ClassVar[int] = 1
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("round", "u32"),
+        ("attempt", "u32"),
+        ("request", "str"),
+        ("reason", "str"),
+    )
+    round: int
+    attempt: int
+    request: str
+    reason: str

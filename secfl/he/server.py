@@ -1,0 +1,177 @@
+"""The server side of mode ``ckks``: collect signed ciphertexts, sum them with plaintext
+integer weights in place (over both cores), and ask the decryptor for the release.
+
+The server holds only public contexts; it reaches the decryptor through a byte channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from secfl.crypto import ckks
+from secfl.crypto.sign import verify_signature
+from secfl.errors import CkksError, MessageError, SignatureError
+from secfl.he.decryptor import epoch_of_round
+from secfl.he.messages import (
+    UPDATE_SIGNATURE_CONTEXT,
+    CkksFitIns,
+    ContextReply,
+    ContextRequest,
+    EncryptedUpdate,
+    Refusal,
+    SumRelease,
+    SumRequest,
+    frame_blobs,
+    unframe_blobs,
+)
+from secfl.messages import ClientFailure
+from secfl.server.protection import AggregateResult, RoundContext
+from secfl.transport.base import Transport
+from secfl.wire import decode_message
+
+#: The server's channel to the decryptor: request bytes in, reply bytes out.
+DecryptorChannel = Callable[[bytes], bytes]
+
+
+class CkksProtection:
+    """Mode ``ckks`` (server role)."""
+
+    name = "ckks"
+
+    def __init__(
+        self,
+        preset: ckks.CkksPreset,
+        *,
+        decryptor: DecryptorChannel,
+        client_keys: Mapping[int, bytes],
+        min_cohort: int,
+        rounds_per_epoch: int,
+    ) -> None:
+        self._preset = preset
+        self._decryptor = decryptor
+        self._client_keys = dict(client_keys)
+        self._min_cohort = min_cohort
+        self._rounds_per_epoch = rounds_per_epoch
+        self._epoch: int | None = None
+        self._client_context = b""
+        self._public: ckks.PublicContext | None = None
+
+    def _contexts(self, epoch: int) -> ckks.PublicContext:
+        if self._epoch != epoch or self._public is None:
+            client = self._ask_context(epoch, "client")
+            server = self._ask_context(epoch, "server")
+            self._public = ckks.PublicContext(self._preset, server)
+            self._client_context = client
+            self._epoch = epoch
+        return self._public
+
+    def _ask_context(self, epoch: int, audience: str) -> bytes:
+        reply = decode_message(self._decryptor(ContextRequest(epoch, audience).to_bytes()))
+        if not isinstance(reply, ContextReply) or reply.preset != self._preset.name:
+            raise CkksError(f"decryptor did not return a {self._preset.name!r} context: {reply}")
+        return reply.context
+
+    def _check(
+        self, raw: bytes | None, client_id: int, ctx: RoundContext, epoch: int, digest: bytes
+    ) -> tuple[EncryptedUpdate, list[bytes]] | str:
+        if raw is None:
+            return "no reply at stage encrypted_input"
+        try:
+            message = decode_message(raw)
+        except MessageError as exc:
+            return f"malformed reply: {exc}"
+        if isinstance(message, ClientFailure):
+            return f"client failed: {message.reason}"
+        if not isinstance(message, EncryptedUpdate):
+            return f"expected EncryptedUpdate, got {type(message).__name__}"
+        if (message.round, message.attempt, message.client_id) != (
+            ctx.round,
+            ctx.attempt,
+            client_id,
+        ):
+            return "reply for another round, attempt or client"
+        if message.model_hash != ctx.broadcast.model_hash or message.model_size != ctx.model_size:
+            return "reply trained from a different model"
+        if message.epoch != epoch or message.context_digest != digest:
+            return "reply encrypted under another key epoch or context"
+        if message.num_samples < 1:
+            return f"num_samples must be >= 1, got {message.num_samples}"
+        public_key = self._client_keys.get(client_id)
+        try:
+            if public_key is None:
+                raise SignatureError("unknown client")
+            verify_signature(
+                public_key, message.signature, UPDATE_SIGNATURE_CONTEXT, message.signed_payload()
+            )
+            blobs = unframe_blobs(message.ciphertexts, "EncryptedUpdate.ciphertexts")
+        except SignatureError:
+            return "update signature did not verify"
+        except MessageError as exc:
+            return str(exc)
+        expected = -(-ctx.model_size // self._preset.params_per_ciphertext)
+        if len(blobs) != max(1, expected):
+            return f"{len(blobs)} ciphertexts for a model of {ctx.model_size} parameters"
+        return message, blobs
+
+    def aggregate(
+        self, transport: Transport, participants: list[int], ctx: RoundContext
+    ) -> AggregateResult | None:
+        epoch = epoch_of_round(ctx.round, self._rounds_per_epoch)
+        public = self._contexts(epoch)
+        client_context = self._client_context
+        ins = CkksFitIns(
+            round=ctx.round,
+            attempt=ctx.attempt,
+            model_hash=ctx.broadcast.model_hash,
+            weights=ctx.broadcast.weights,
+            epoch=epoch,
+            context=client_context,
+        ).to_bytes()
+        replies = transport.exchange(dict.fromkeys(participants, ins))
+        digest = ckks.PublicContext(self._preset, client_context).digest
+        accepted: dict[int, tuple[bytes, EncryptedUpdate, list[bytes]]] = {}
+        dropped: dict[int, str] = {}
+        for client_id in participants:
+            raw = replies.get(client_id)
+            checked = self._check(raw, client_id, ctx, epoch, digest)
+            if isinstance(checked, str):
+                dropped[client_id] = checked
+                ctx.events.emit(
+                    "client_dropped",
+                    round=ctx.round,
+                    attempt=ctx.attempt,
+                    client=client_id,
+                    stage="encrypted_input",
+                    reason=checked,
+                )
+            elif raw is not None:
+                accepted[client_id] = (raw, checked[0], checked[1])
+        if len(accepted) < self._min_cohort:
+            return None
+        ids = sorted(accepted)
+        weights = [int(accepted[i][1].num_samples) for i in ids]
+        try:
+            aggregate = ckks.weighted_sum(public, [accepted[i][2] for i in ids], weights)
+        except CkksError as exc:
+            ctx.events.emit("warning", message=f"ckks aggregation failed: {exc}")
+            return None
+        request = SumRequest(
+            round=ctx.round,
+            attempt=ctx.attempt,
+            epoch=epoch,
+            updates=frame_blobs([accepted[i][0] for i in ids]),
+            aggregate=frame_blobs(aggregate),
+        )
+        reply = decode_message(self._decryptor(request.to_bytes()))
+        if isinstance(reply, Refusal):
+            ctx.events.emit("warning", message=f"decryptor refused the sum: {reply.reason}")
+            return None
+        if not isinstance(reply, SumRelease) or reply.contributors != tuple(ids):
+            raise CkksError(f"unexpected decryptor reply {type(reply).__name__}")
+        return AggregateResult(
+            mean_update=reply.mean.copy(),
+            total_weight=float(reply.total_weight),
+            survivors=tuple(ids),
+            dropped=dropped,
+            train_loss=None,
+        )
