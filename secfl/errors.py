@@ -61,3 +61,25 @@ class SecAggAbort(ProtocolError):
 class AuthenticationError(SecflError):
     """An authenticated ciphertext did not decrypt (wrong key, nonce, data or tag); one
     error for every cause, so nothing leaks about which check failed."""
+
+
+class CkksError(SecflError, ValueError):
+    """A CKKS ciphertext or context is unusable: corrupted, or made under other parameters."""
+
+
+class CkksParameterError(ConfigError):
+    """A CKKS preset or flooding choice is unsafe (below 128-bit security) or insufficient."""
+
+
+class DecryptorRefusal(ProtocolError):
+    """The decryptor refused a request its policy does not allow; the message says why."""
+
+
+class PrivacyError(SecflError, ValueError):
+    """A privacy setting or DP event is invalid (epsilon <= 0, delta too large for n, clip
+    <= 0, an unknown accountant or mechanism), or a mechanism cannot be accounted."""
+
+
+class BudgetExhausted(PrivacyError):
+    """Running on would exceed a privacy budget; the message names the budget that ran out.
+    The run stops cleanly with its checkpoint saved; a client refuses to train."""
