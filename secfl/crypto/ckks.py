@@ -27,9 +27,12 @@ keys and ciphertexts are bit-reproducible.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import itertools
 import math
 import os
+import shutil
 import struct
 import tempfile
 import threading
@@ -37,7 +40,6 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -248,9 +250,7 @@ def flooding_plan(
     Raises :class:`CkksParameterError` if the stated bound exceeds ``precision * C``.
     """
     if statistical_bits < 40:
-        raise CkksParameterError(
-            f"flooding.statistical_bits must be >= 40, got {statistical_bits}"
-        )
+        raise CkksParameterError(f"flooding.statistical_bits must be >= 40, got {statistical_bits}")
     if query_budget < 1:
         raise CkksParameterError(f"flooding.query_budget must be >= 1, got {query_budget}")
     released = preset.poly_modulus_degree
@@ -261,7 +261,8 @@ def flooding_plan(
         raise CkksParameterError(
             f"preset {preset.name!r} cannot meet its precision {preset.precision} x C with "
             f"C={clip_range}, {statistical_bits}-bit flooding and a query budget of "
-            f"{query_budget}: the flooded error bound is {bound:.3g} > {preset.precision * clip_range:.3g}; "
+            f"{query_budget}: the flooded error bound is {bound:.3g} > "
+            f"{preset.precision * clip_range:.3g}; "
             "lower flooding.query_budget (keys rotate sooner), raise clip_range, or use a "
             "preset with a larger scale"
         )
@@ -287,25 +288,23 @@ def scalar_flooding_sigma(
 # ---------------------------------------------------------------------------- contexts
 
 
-def _tmp_dir() -> str:
-    shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else tempfile.gettempdir()
+def _scratch_root() -> str:
+    """A private (mode 0700) directory for SEAL's file-based (de)serialisation, in RAM
+    (``/dev/shm``) where available; the TenSEAL bindings only save and load via paths."""
+    ram = "/dev/shm"  # noqa: S108  (a fresh mkdtemp below, never a fixed name)
+    base = ram if os.path.isdir(ram) and os.access(ram, os.W_OK) else None
+    return tempfile.mkdtemp(prefix="secfl-ckks-", dir=base)
 
 
-_TMP = _tmp_dir()
 _local = threading.local()
 
 
 def _scratch() -> str:
-    path: str | None = getattr(_local, "path", None)
-    if path is None:
-        path = os.path.join(_TMP, f"secfl-ckks-{os.getpid()}-{threading.get_ident()}.bin")
-        _local.path = path
+    if getattr(_local, "pid", None) != os.getpid():  # new thread, or a forked child
+        _local.dir = _scratch_root()
         _local.pid = os.getpid()
-    elif _local.pid != os.getpid():  # forked child: never share the parent's scratch file
-        _local.path = None
-        return _scratch()
-    return path
+        atexit.register(shutil.rmtree, _local.dir, True)
+    return os.path.join(_local.dir, "object.bin")
 
 
 def _save(obj: Any) -> bytes:
@@ -317,7 +316,20 @@ def _save(obj: Any) -> bytes:
     return data
 
 
+_SEAL_MAGIC = 0xA15E
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, major, minor, compr_mode, reserved, size
+
+
 def _load_into(obj: Any, context: Any, data: bytes, what: str) -> None:
+    # SEAL ignores bytes after the size its header states; we refuse them (one object per blob).
+    if len(data) < _SEAL_HEADER.size:
+        raise CkksError(f"cannot load {what}: {len(data)} bytes is shorter than SEAL's header")
+    magic, _, _, _, _, _, size = _SEAL_HEADER.unpack_from(data, 0)
+    if magic != _SEAL_MAGIC or size != len(data):
+        raise CkksError(
+            f"cannot load {what}: not one SEAL object (magic {magic:#x}, header size {size}, "
+            f"{len(data)} bytes given)"
+        )
     path = _scratch()
     with open(path, "wb") as f:
         f.write(data)
@@ -344,9 +356,7 @@ def _parameters(preset: CkksPreset, seed: bytes | None) -> Any:
     if seed is not None:
         if len(seed) != 64:
             raise CkksParameterError(f"a SEAL PRNG seed has 64 bytes, got {len(seed)}")
-        params.set_random_generator(
-            seal.Blake2xbPRNGFactory(list(struct.unpack("<8Q", seed)))
-        )
+        params.set_random_generator(seal.Blake2xbPRNGFactory(list(struct.unpack("<8Q", seed))))
     return params
 
 
@@ -475,7 +485,9 @@ class PublicContext:
             raise CkksError(f"ciphertext scale {ct.scale} differs from the preset's {self.scale}")
         return ct
 
-    def weighted_sum(self, columns: Sequence[Sequence[bytes]], weights: Sequence[int]) -> list[bytes]:
+    def weighted_sum(
+        self, columns: Sequence[Sequence[bytes]], weights: Sequence[int]
+    ) -> list[bytes]:
         """``sum_i weights[i] * ct[i][k]`` for every ciphertext index k, serialised.
 
         ``columns[i]`` are client i's ciphertexts in order. Integer weights are exact; the
@@ -690,7 +702,7 @@ def _sum_task(
 
 def _split(count: int, parts: int) -> list[tuple[int, int]]:
     bounds = np.linspace(0, count, parts + 1).astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def encrypt_vector(
@@ -756,9 +768,7 @@ def weighted_sum(
     count = len(ciphertexts[0])
     for i, column in enumerate(ciphertexts):
         if len(column) != count:
-            raise CkksError(
-                f"contributor {i} sent {len(column)} ciphertexts, expected {count}"
-            )
+            raise CkksError(f"contributor {i} sent {len(column)} ciphertexts, expected {count}")
     use_pool = parallel if parallel is not None else count >= _PARALLEL_MIN_CIPHERTEXTS
     if not use_pool:
         return public.weighted_sum(ciphertexts, list(weights))
@@ -798,8 +808,7 @@ def naive_encrypt(ctx: Any, values: np.ndarray) -> list[bytes]:
     """Single-process ``ckks_vector`` + ``serialize`` per slot-sized chunk."""
     slots = ctx.seal_context().first_context_data().parms().poly_modulus_degree() // 2
     return [
-        ts.ckks_vector(ctx, values[i : i + slots]).serialize()
-        for i in range(0, values.size, slots)
+        ts.ckks_vector(ctx, values[i : i + slots]).serialize() for i in range(0, values.size, slots)
     ]
 
 

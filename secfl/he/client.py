@@ -66,28 +66,55 @@ class CkksClient:
             seed = self._app.randomness.stream(
                 "ckks.encrypt", round_index=ins.round, attempt=ins.attempt, party=self._app.party
             ).bytes(64)
-        blobs = frame_blobs(ckks.encrypt_vector(context, clipped, seed=seed))
-        fields = {
-            "round_index": ins.round,
-            "attempt": ins.attempt,
-            "client_id": self._app.client_id,
-            "epoch": ins.epoch,
-            "model_hash": ins.model_hash,
-            "context_digest": context.digest,
-            "num_samples": result.num_samples,
-            "model_size": int(delta.size),
-            "ciphertexts": blobs,
-        }
-        signature = self._identity.sign(UPDATE_SIGNATURE_CONTEXT, signed_update_payload(**fields))
-        return EncryptedUpdate(
-            round=ins.round,
+        return encrypt_update(
+            context,
+            self._identity,
+            clipped,
+            round_index=ins.round,
             attempt=ins.attempt,
             client_id=self._app.client_id,
             epoch=ins.epoch,
             model_hash=ins.model_hash,
-            context_digest=context.digest,
             num_samples=result.num_samples,
-            model_size=int(delta.size),
-            ciphertexts=blobs,
-            signature=signature,
+            seed=seed,
         )
+
+
+def encrypt_update(
+    context: ckks.PublicContext,
+    identity: SigningKey,
+    values: np.ndarray,
+    *,
+    round_index: int,
+    attempt: int,
+    client_id: int,
+    epoch: int,
+    model_hash: bytes,
+    num_samples: int,
+    seed: bytes | None = None,
+) -> EncryptedUpdate:
+    """Pack, encrypt (both cores) and sign one update; ``values`` must already be clipped."""
+    blobs = frame_blobs(ckks.encrypt_vector(context, values, seed=seed))
+    payload = signed_update_payload(
+        round_index=round_index,
+        attempt=attempt,
+        client_id=client_id,
+        epoch=epoch,
+        model_hash=model_hash,
+        context_digest=context.digest,
+        num_samples=num_samples,
+        model_size=int(values.size),
+        ciphertexts=blobs,
+    )
+    return EncryptedUpdate(
+        round=round_index,
+        attempt=attempt,
+        client_id=client_id,
+        epoch=epoch,
+        model_hash=model_hash,
+        context_digest=context.digest,
+        num_samples=num_samples,
+        model_size=int(values.size),
+        ciphertexts=blobs,
+        signature=identity.sign(UPDATE_SIGNATURE_CONTEXT, payload),
+    )
