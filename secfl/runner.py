@@ -25,6 +25,7 @@ from secfl.data.datasets import Dataset
 from secfl.data.federated import FederatedData, build_federated_data
 from secfl.encode.flatten import ParameterLayout, flatten_parameters, load_parameters, model_hash
 from secfl.models import build_model
+from secfl.privacy.federation import PrivacyRecorder
 from secfl.randomness import Randomness
 from secfl.record import rundir
 from secfl.record.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
@@ -44,6 +45,8 @@ class RunResult:
     model: nn.Module
     out_dir: Path
     config: RunConfig
+    #: Why the run stopped before ``config.rounds`` (a privacy budget ran out), or None.
+    stopped: str | None = None
 
 
 def initial_model(config: RunConfig, data: FederatedData, randomness: Randomness) -> nn.Module:
@@ -155,15 +158,25 @@ def _run(
     stop_after: int | None,
 ) -> RunResult:
     data = build_federated_data(config.data, randomness)
-    template = initial_model(config, data, randomness)
+    privacy = PrivacyRecorder(config, [len(c) for c in data.clients], folder, events)
+    template = privacy.prepare_model(
+        lambda: initial_model(config, data, randomness), notify=checkpoint is None
+    )()
     layout = ParameterLayout.of(template)
     weights = flatten_parameters(template)
 
-    def model_factory() -> nn.Module:
-        return build_model(config.model, data.input_shape, data.num_classes)
-
+    model_factory = privacy.prepare_model(
+        lambda: build_model(config.model, data.input_shape, data.num_classes)
+    )
     clients = [
-        ClientApp(i, part, model_factory=model_factory, config=config.client, randomness=randomness)
+        ClientApp(
+            i,
+            part,
+            model_factory=model_factory,
+            config=config.client,
+            randomness=randomness,
+            privacy=privacy.for_client(i),
+        )
         for i, part in enumerate(data.clients)
     ]
     transport = with_simulated_dropouts(
@@ -219,6 +232,7 @@ def _run(
             {k[len("opt.") :]: v for k, v in checkpoint.arrays.items() if k.startswith("opt.")}
         )
         history = list(checkpoint.state["history"])
+        privacy.load_state(checkpoint.state.get("privacy"))
         first_round = checkpoint.round + 1
         events.emit("run_resumed", from_round=checkpoint.round)
 
@@ -234,10 +248,14 @@ def _run(
         for round_index in range(first_round, config.rounds + 1):
             if stop_after is not None and done >= stop_after:
                 break
+            if privacy.enabled and privacy.check_round(round_index) is not None:
+                break
             started = clock()
             resumed = checkpoint is not None and round_index == first_round
             attempt = _attempt_for(round_index, events, randomness) if resumed else 0
             outcome = server.run_round(round_index, attempt)
+            if privacy.enabled:
+                privacy.record_round(outcome)
             row = _record_round(config, outcome, experimenter, server.weights, events)
             row["time_s"] = clock() - started
             history.append(row)
@@ -250,7 +268,7 @@ def _run(
                         "global": server.weights,
                         **{f"opt.{k}": v for k, v in optimizer.state_dict().items()},
                     },
-                    state={"history": history},
+                    state={"history": history, "privacy": privacy.state()},
                 ),
             )
             events.emit("checkpoint_written", round=round_index, sha256=digest)
@@ -266,11 +284,17 @@ def _run(
 
     final_model = model_factory()
     load_parameters(final_model, server.weights)
-    if history and history[-1]["round"] == config.rounds:
+    if history and (history[-1]["round"] == config.rounds or privacy.stopped is not None):
         _finish(
             config, folder, final_model, server.weights, layout, history, data, randomness, events
         )
-    return RunResult(history=history, model=final_model, out_dir=folder, config=config)
+    return RunResult(
+        history=history,
+        model=final_model,
+        out_dir=folder,
+        config=config,
+        stopped=privacy.stopped,
+    )
 
 
 def _attempt_for(round_index: int, events: EventLog, randomness: Randomness) -> int:

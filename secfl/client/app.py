@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
@@ -16,6 +16,9 @@ from secfl.errors import MessageError, SecflError
 from secfl.messages import ClientFailure, FitIns, FitRes
 from secfl.randomness import Randomness
 from secfl.wire import WireMessage, decode_message
+
+if TYPE_CHECKING:
+    from secfl.privacy.federation import ClientPrivacy
 
 MessageHandler = Callable[[Any], WireMessage | None]
 
@@ -32,8 +35,11 @@ class ClientApp:
         model_factory: Callable[[], nn.Module],
         config: ClientConfig,
         randomness: Randomness,
+        privacy: ClientPrivacy | None = None,
     ) -> None:
         self.client_id = client_id
+        #: Sample-level DP-SGD, ledger and budget (``privacy.sample_level``), or None.
+        self.privacy = privacy
         self.data = data
         self.config = config
         self.randomness = randomness
@@ -70,6 +76,16 @@ class ClientApp:
             )
         start = np.array(ins.weights, dtype=np.float32)
         load_parameters(self._model, start)
+        if self.privacy is not None:
+            result = self.privacy.train(
+                self._model,
+                self.data,
+                self.config,
+                self.randomness,
+                round_index=ins.round,
+                attempt=ins.attempt,
+            )
+            return flatten_parameters(self._model) - start, result
         stream = self.randomness.stream(
             "client.batch_order", round_index=ins.round, attempt=ins.attempt, party=self.party
         )

@@ -17,6 +17,8 @@ import numpy as np
 from secfl.audit.events import EventLog
 from secfl.errors import MessageError, UpdateError
 from secfl.messages import ClientFailure, FitIns, FitRes
+from secfl.privacy.central import CentralGaussianMechanism, central_mechanism
+from secfl.privacy.events import DpEvent
 from secfl.randomness import Randomness
 from secfl.server.aggregate import WeightedSum
 from secfl.transport.base import Transport
@@ -47,6 +49,8 @@ class AggregateResult:
     dropped: dict[int, str] = field(default_factory=dict)
     #: Mean client training loss, only where the mode lets the server see it.
     train_loss: float | None = None
+    #: User-level DP events this round cost (for the privacy ledger).
+    dp_events: tuple[DpEvent, ...] = ()
 
 
 class Protection(Protocol):
@@ -98,6 +102,10 @@ class PlaintextProtection:
 
     name = "none"
 
+    def __init__(self, user_level: CentralGaussianMechanism | None = None) -> None:
+        #: Central user-level DP (trusted server): clip, weight, noise the sum.
+        self.user_level = user_level
+
     def aggregate(
         self, transport: Transport, participants: list[int], ctx: RoundContext
     ) -> AggregateResult | None:
@@ -146,12 +154,25 @@ class PlaintextProtection:
                 continue
             weights = np.array([r.num_samples for r in accepted.values()], dtype=np.float64)
             losses = np.array([r.train_loss for r in accepted.values()], dtype=np.float64)
+            dp_events: tuple[DpEvent, ...] = ()
+            if self.user_level is not None:
+                mean, event = self.user_level.release_mean(
+                    {cid: r.update for cid, r in accepted.items()},
+                    {cid: r.num_samples for cid, r in accepted.items()},
+                    ctx.randomness.stream(
+                        "server.dp_noise", round_index=ctx.round, attempt=ctx.attempt
+                    ),
+                    round_index=ctx.round,
+                    attempt=ctx.attempt,
+                )
+                dp_events = (event,)
             return AggregateResult(
                 mean_update=mean,
                 total_weight=total.total_weight,
                 survivors=tuple(sorted(accepted)),
                 dropped=dropped,
                 train_loss=float(np.dot(weights, losses) / weights.sum()),
+                dp_events=dp_events,
             )
         return None
 
@@ -166,4 +187,4 @@ def build_plaintext_protection(
     )
     warnings.warn(message, PlaintextModeWarning, stacklevel=2)
     events.emit("warning", message=message)
-    return PlaintextProtection()
+    return PlaintextProtection(user_level=central_mechanism(config))
