@@ -42,10 +42,10 @@ def build_neighbours(ids: Sequence[int], k: int, seed: bytes) -> dict[int, tuple
     if len(members) != len(ids):
         raise ConfigError("graph members must be distinct")
     n = len(members)
-    if k < 0 or k % 2:
-        raise ConfigError(f"neighbours k must be even and >= 0, got {k}")
     if k >= n - 1:
         return {u: tuple(v for v in members if v != u) for u in members}
+    if k < 0 or k % 2:
+        raise ConfigError(f"neighbours k of a sparse graph must be even and >= 0, got {k}")
     ring = ring_order(members, seed)
     half = k // 2
     out: dict[int, tuple[int, ...]] = {}
