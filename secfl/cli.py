@@ -16,6 +16,8 @@ commands:
   run     run one federated experiment from a YAML config; writes a run directory with
           config.yaml, metrics.json, events.jsonl, model.safetensors, report.html and a
           checkpoint that `secfl run CONFIG --resume DIR` continues from after a crash
+  audit   print a run directory's privacy ledger (ledger.json): per round and cumulative,
+          per client and global, every DP event's parameters
   bench   run a performance benchmark and write its JSON (ratios against a baseline
           measured in the same run); `secfl bench --list` names them
 """
@@ -42,6 +44,16 @@ def _build_parser() -> argparse.ArgumentParser:
         help="continue the run in DIR from its last checkpoint (same config required)",
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    audit = sub.add_parser(
+        "audit",
+        help="print a run's privacy ledger",
+        description="Print the privacy ledger (ledger.json) of RUN_DIR. Verifying the audit "
+        "log's hash chain and signatures is not implemented yet (issue 8); this command "
+        "only reads and prints the ledger.",
+    )
+    audit.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    audit.add_argument("--json", action="store_true", help="print the raw ledger JSON")
 
     bench = sub.add_parser(
         "bench",
@@ -77,6 +89,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise SecflError("--resume DIR continues in DIR; do not also give a different --out")
     result = run(config, out, resume=bool(args.resume), progress=not args.no_progress)
     final = result.history[-1] if result.history else {}
+    if result.stopped:
+        print(f"run stopped early: {result.stopped}")
     print(
         f"run directory: {result.out_dir}\n"
         f"rounds: {len(result.history)}  accuracy: {final.get('accuracy', float('nan')):.4f}  "
@@ -110,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "audit":
+            from secfl.privacy.report import print_ledger
+
+            return print_ledger(Path(args.run_dir), raw=args.json)
         return _cmd_bench(args)
     except SecflError as exc:
         print(f"secfl {args.command}: error: {exc}", file=sys.stderr)
