@@ -177,11 +177,12 @@ AGGREGATION = CkksPreset(
     precision=1e-5,
     summary="add-only weighted sums; public key only, no evaluation keys",
 )
-#: Trust scalars: one product (scale 2^40, rescaled by the 40-bit prime), then rotations.
+#: Trust scalars: one product (scale 2^40, rescaled by a 40-bit prime), then rotations; the
+#: remaining 60+40-bit modulus leaves 2^59 of headroom for inner products of 1e6+ values.
 TRUST = CkksPreset(
     name="trust",
     poly_modulus_degree=8192,
-    coeff_modulus_bits=(60, 40, 60),
+    coeff_modulus_bits=(60, 40, 40, 60),
     scale_bits=40,
     depth=1,
     galois_keys=True,
@@ -689,15 +690,18 @@ def _encrypt_task(
     ]
 
 
-def _sum_task(
-    preset_name: str,
-    context: bytes,
-    digest: bytes,
-    columns: list[list[bytes]],
-    weights: list[int],
-) -> list[bytes]:
-    ctx = _worker_context(preset_name, context, digest)
-    return ctx.weighted_sum(columns, weights)
+#: The inputs of the running parallel weighted sum. Set just before the workers are forked,
+#: so they inherit the ciphertext bytes copy-on-write instead of receiving them by pipe
+#: (pickling hundreds of MB cost more than the summation itself).
+_FORK_INPUT: tuple[str, bytes, bytes, Sequence[Sequence[bytes]], list[int]] | None = None
+
+
+def _sum_forked(first: int, last: int) -> list[bytes]:
+    if _FORK_INPUT is None:
+        raise CkksError("parallel weighted sum started without its inputs")
+    preset_name, data, digest, columns, weights = _FORK_INPUT
+    ctx = _worker_context(preset_name, data, digest)
+    return ctx.weighted_sum([column[first:last] for column in columns], weights)
 
 
 def _split(count: int, parts: int) -> list[tuple[int, int]]:
@@ -772,21 +776,16 @@ def weighted_sum(
     use_pool = parallel if parallel is not None else count >= _PARALLEL_MIN_CIPHERTEXTS
     if not use_pool:
         return public.weighted_sum(ciphertexts, list(weights))
-    pool = _get_pool()
-    futures = [
-        pool.submit(
-            _sum_task,
-            public.preset.name,
-            public.data,
-            public.digest,
-            [list(column[a:b]) for column in ciphertexts],
-            list(weights),
-        )
-        for a, b in _split(count, _WORKERS)
-    ]
-    out: list[bytes] = []
-    for future in futures:
-        out += future.result()
+    global _FORK_INPUT
+    _FORK_INPUT = (public.preset.name, public.data, public.digest, ciphertexts, list(weights))
+    try:
+        with ProcessPoolExecutor(max_workers=_WORKERS, mp_context=get_context("fork")) as pool:
+            futures = [pool.submit(_sum_forked, a, b) for a, b in _split(count, _WORKERS)]
+            out: list[bytes] = []
+            for future in futures:
+                out += future.result()
+    finally:
+        _FORK_INPUT = None
     return out
 
 
@@ -804,9 +803,9 @@ def naive_tenseal_context(preset: CkksPreset) -> Any:
     return ctx
 
 
-def naive_encrypt(ctx: Any, values: np.ndarray) -> list[bytes]:
+def naive_encrypt(ctx: Any, values: np.ndarray, preset: CkksPreset) -> list[bytes]:
     """Single-process ``ckks_vector`` + ``serialize`` per slot-sized chunk."""
-    slots = ctx.seal_context().first_context_data().parms().poly_modulus_degree() // 2
+    slots = preset.poly_modulus_degree // 2
     return [
         ts.ckks_vector(ctx, values[i : i + slots]).serialize() for i in range(0, values.size, slots)
     ]

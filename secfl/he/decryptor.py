@@ -351,7 +351,12 @@ class Decryptor:
                 for ct in unframe_blobs(update.ciphertexts, "EncryptedUpdate.ciphertexts")
             ]
         )[: update.model_size]
-        bound = self._policy.clip_range * update.model_size  # ||x||_1 <= d C
+        # L2 sensitivities of the released scalar to the (Gaussian-like) CKKS error e whose
+        # values are each bounded by t: <e, r> <= t ||r||_2; norms and the trusted inner
+        # product add 2 <x, e> <= 2 t sqrt(d) C plus <e, e'> <= d t^2 (t << 1, so + d t).
+        fresh = ckks.fresh_error_bound(self._preset)
+        pair = 2.0 * math.sqrt(update.model_size) * self._policy.clip_range
+        pair += update.model_size * fresh
         if request.kind == "reference":
             reference = np.asarray(request.reference, dtype=np.float64)
             if reference.size != update.model_size or not np.all(np.isfinite(reference)):
@@ -365,10 +370,10 @@ class Decryptor:
                 )
             state.reference_digest = digest
             value = float(np.dot(x, reference))
-            sensitivity = float(np.abs(reference).sum())
+            sensitivity = float(np.linalg.norm(reference))
         elif request.kind == "norm":
             value = float(np.dot(x, x))
-            sensitivity = 2.0 * bound
+            sensitivity = pair
         else:
             other = self._verified(request.other, request.round, request.attempt)
             if other.client_id == update.client_id:
@@ -388,7 +393,7 @@ class Decryptor:
                 ]
             )[: other.model_size]
             value = float(np.dot(x, y))
-            sensitivity = 2.0 * bound
+            sensitivity = pair
         self._charge(update.epoch, 1)
         sigma = ckks.scalar_flooding_sigma(
             self._preset,
