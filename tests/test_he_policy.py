@@ -79,19 +79,15 @@ class Harness:
         ).to_bytes()
 
     def sum_request(
-        self, updates: list[bytes], weights: list[int], *, aggregate: list[bytes] | None = None
+        self, updates: list[bytes], weights: list[int], *, digest_weights: list[int] | None = None
     ) -> SumRequest:
-        if aggregate is None:
-            columns = [
-                unframe_blobs(EncryptedUpdate.from_bytes(u).ciphertexts, "u") for u in updates
-            ]
-            aggregate = ckks.weighted_sum(self.public, columns, weights)
+        columns = [unframe_blobs(EncryptedUpdate.from_bytes(u).ciphertexts, "u") for u in updates]
+        digest = b""
+        if columns:
+            summed = ckks.weighted_sum(self.public, columns, digest_weights or weights)
+            digest = ckks.aggregate_digest(summed)
         return SumRequest(
-            round=1,
-            attempt=0,
-            epoch=0,
-            updates=frame_blobs(updates),
-            aggregate=frame_blobs(aggregate),
+            round=1, attempt=0, epoch=0, updates=frame_blobs(updates), aggregate_digest=digest
         )
 
 
@@ -159,18 +155,12 @@ def test_refuses_rotated_or_derived_ciphertexts(tmp_path: Path) -> None:
     weights = [10, 11, 12]
     ups = [h.update(i, np.linspace(-1, 1, 5000), w) for i, w in enumerate(weights)]
     honest = h.sum_request(ups, weights)
-    true_sum = unframe_blobs(honest.aggregate, "a")
-    # a derived aggregate: the sum plus one client's ciphertext once more
-    derived = ckks.weighted_sum(
-        h.public,
-        [
-            true_sum,
-            [unframe_blobs(EncryptedUpdate.from_bytes(ups[0]).ciphertexts, "u")[0], true_sum[1]],
-        ],
-        [1, 1],
-    )
-    reason = _refusal(h.ask(h.sum_request(ups, weights, aggregate=derived).to_bytes()))
+    # a derived aggregate: client 0 counted once more than its signed weight
+    derived = h.sum_request(ups, weights, digest_weights=[11, 11, 12])
+    reason = _refusal(h.ask(derived.to_bytes()))
     assert "does not equal the decryptor's recomputation" in reason
+    forged = SumRequest(1, 0, 0, honest.updates, hashlib.sha256(b"rotated").digest())
+    assert "does not equal" in _refusal(h.ask(forged.to_bytes()))
     # a rotated ciphertext (trust-preset Galois keys) is untraceable
     trust = ckks.SecretContext(ckks.TRUST, seed=bytes(64))
     rotated = trust.public.rotate(
@@ -189,7 +179,7 @@ def test_refuses_untraceable_and_unsigned_inputs(harness: Harness) -> None:
     forged = EncryptedUpdate.from_bytes(ups[2])
     tampered = EncryptedUpdate(**{**forged.__dict__, "num_samples": 10_000}).to_bytes()
     reason = _refusal(
-        harness.ask(harness.sum_request(ups[:2] + [tampered], [10, 10, 10]).to_bytes())
+        harness.ask(harness.sum_request([*ups[:2], tampered], [10, 10, 10]).to_bytes())
     )
     assert reason == "a signature did not verify"
 
@@ -234,9 +224,8 @@ def test_wrong_context_and_corrupted_updates_are_refused_with_reasons(tmp_path: 
     other = Harness(tmp_path / "other", seed=8)  # another decryptor, other keys
     ups = [h.update(i, np.full(30, 0.2), 10) for i in range(3)]
     foreign = other.update(3, np.full(30, 0.2), 10)
-    reason = _refusal(
-        h.ask(h.sum_request(ups[:2] + [foreign], [10, 10, 10], aggregate=[]).to_bytes())
-    )
+    request = SumRequest(1, 0, 0, frame_blobs([*ups[:2], foreign]), b"")
+    reason = _refusal(h.ask(request.to_bytes()))
     assert "encrypted under another context" in reason
     assert "SumRequest.updates" in _refusal(
         h.ask(SumRequest(1, 0, 0, b"\x00\x00\x01\x00abc", b"").to_bytes())

@@ -100,7 +100,8 @@ def _server_figures(d: int, clients: int, repeats: int) -> dict[str, Any]:
     ours = median(time_repeats(lambda: ckks.weighted_sum(public, ours_in, weights), repeats))
     naive = median(time_repeats(lambda: ckks.naive_sum(naive_ctx, naive_in), repeats))
     total = ckks.weighted_sum(public, ours_in, weights)
-    got = np.concatenate([secret.decrypt(b, preset.params_per_ciphertext) for b in total])[:d]
+    got = np.concatenate([secret.decrypt(ct, preset.params_per_ciphertext) for ct in total])
+    got = got[:d]
     expected = sum(w * x for w, x in zip(weights, xs, strict=True))
     return {
         "server_clients": clients,
@@ -157,13 +158,13 @@ def _flooded_error(d: int, n: int) -> dict[str, Any]:
             for i in range(n)
         ]
         columns = [unframe_blobs(u.ciphertexts, "bench") for u in updates]
-        aggregate = ckks.weighted_sum(public, columns, weights)
+        digest = ckks.aggregate_digest(ckks.weighted_sum(public, columns, weights))
         request = SumRequest(
             round=1,
             attempt=0,
             epoch=0,
             updates=frame_blobs([u.to_bytes() for u in updates]),
-            aggregate=frame_blobs(aggregate),
+            aggregate_digest=digest,
         )
         release = decode_message(decryptor.handle(request.to_bytes()))
         events.close()

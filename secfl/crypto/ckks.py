@@ -321,7 +321,7 @@ _SEAL_MAGIC = 0xA15E
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, major, minor, compr_mode, reserved, size
 
 
-def _load_into(obj: Any, context: Any, data: bytes, what: str) -> None:
+def _check_header(data: bytes, what: str) -> None:
     # SEAL ignores bytes after the size its header states; we refuse them (one object per blob).
     if len(data) < _SEAL_HEADER.size:
         raise CkksError(f"cannot load {what}: {len(data)} bytes is shorter than SEAL's header")
@@ -331,6 +331,10 @@ def _load_into(obj: Any, context: Any, data: bytes, what: str) -> None:
             f"cannot load {what}: not one SEAL object (magic {magic:#x}, header size {size}, "
             f"{len(data)} bytes given)"
         )
+
+
+def _load_into(obj: Any, context: Any, data: bytes, what: str) -> None:
+    _check_header(data, what)
     path = _scratch()
     with open(path, "wb") as f:
         f.write(data)
@@ -346,6 +350,103 @@ def _load_into(obj: Any, context: Any, data: bytes, what: str) -> None:
         ) from None
     finally:
         os.unlink(path)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _as_tenseal_vector(data: bytes) -> bytes:
+    """Wrap one SEAL ciphertext in TenSEAL's ``CKKSVectorProto`` (field 1: packed size,
+    field 2: the SEAL ciphertext, field 3: scale) so TenSEAL loads it from memory; SEAL's
+    own Python bindings only load from files, which costs a write and a read per ciphertext."""
+    size = _varint(1)
+    return (
+        b"\x0a"
+        + _varint(len(size))
+        + size
+        + b"\x12"
+        + _varint(len(data))
+        + data
+        + b"\x19"
+        + struct.pack("<d", 1.0)
+    )
+
+
+_tenseal_loaders: dict[str, Any] = {}
+
+
+def _tenseal_loader(preset: CkksPreset) -> Any:
+    """A TenSEAL context with the preset's parameters, used only to deserialise; its own
+    (unrelated) secret key is dropped at once."""
+    key = f"{preset.name}/{os.getpid()}"  # TenSEAL's thread pool does not survive fork()
+    loader = _tenseal_loaders.get(key)
+    if loader is None:
+        loader = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            preset.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(preset.coeff_modulus_bits),
+            n_threads=1,
+        )
+        loader.make_context_public()
+        # Integer weights are encoded at scale 1 and nothing is ever rescaled or switched
+        # implicitly: a mismatch is an error, never a silent change of level.
+        loader.global_scale = 1.0
+        loader.auto_rescale = False
+        loader.auto_relin = False
+        loader.auto_mod_switch = False
+        _tenseal_loaders[key] = loader
+    return loader
+
+
+def aggregate_digest(blobs: Sequence[bytes]) -> bytes:
+    """Digest of a list of serialised ciphertexts: SHA-256 over their SHA-256s in order.
+    SEAL's serialisation is deterministic, so equal ciphertexts give equal digests."""
+    inner = b"".join(hashlib.sha256(b).digest() for b in blobs)
+    return hashlib.sha256(b"secfl/ckks/aggregate/v1" + inner).digest()
+
+
+def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if offset >= len(data):
+            raise CkksError("truncated varint in a TenSEAL vector")
+        byte = data[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, offset
+
+
+def _proto_field(data: bytes, wanted: int) -> bytes:
+    """Length-delimited field ``wanted`` of a TenSEAL protobuf message."""
+    offset = 0
+    while offset < len(data):
+        key, offset = _read_varint(data, offset)
+        field_number, wire_type = key >> 3, key & 7
+        if wire_type == 2:
+            length, offset = _read_varint(data, offset)
+            if field_number == wanted:
+                return data[offset : offset + length]
+            offset += length
+        elif wire_type == 1:
+            offset += 8
+        elif wire_type == 5:
+            offset += 4
+        elif wire_type == 0:
+            _, offset = _read_varint(data, offset)
+        else:
+            break
+    raise CkksError(f"TenSEAL vector has no field {wanted}")
 
 
 def _parameters(preset: CkksPreset, seed: bytes | None) -> Any:
@@ -474,45 +575,64 @@ class PublicContext:
             seal.Encryptor(once, self.public_key).encrypt(plain, ct)
         return _save(ct)
 
-    def load_ciphertext(self, data: bytes) -> Any:
-        ct = seal.Ciphertext()
-        _load_into(ct, self.context, data, "ciphertext")
-        if ct.size() != 2 or list(ct.parms_id()) != list(self.context.first_parms_id()):
+    def _load_vector(self, data: bytes) -> tuple[Any, Any]:
+        """Deserialise one fresh ciphertext in memory as a TenSEAL vector, checked: a
+        two-component ciphertext at this context's top level and scale."""
+        _check_header(data, "ciphertext")
+        try:
+            vector = ts.ckks_vector_from(_tenseal_loader(self.preset), _as_tenseal_vector(data))
+            inner = vector.data.ciphertext()
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise CkksError(
+                f"cannot load ciphertext: {exc} (corrupted bytes, or made under different "
+                "CKKS parameters / keys)"
+            ) from None
+        if (
+            len(inner) != 1
+            or inner[0].size() != 2
+            or list(inner[0].parms_id()) != list(self.context.first_parms_id())
+        ):
             raise CkksError(
                 "ciphertext is not a fresh two-component ciphertext at this context's top "
                 "level (wrong parameters, or a derived ciphertext)"
             )
-        if abs(ct.scale - self.scale) > 1e-6 * self.scale:
-            raise CkksError(f"ciphertext scale {ct.scale} differs from the preset's {self.scale}")
-        return ct
+        if abs(inner[0].scale - self.scale) > 1e-6 * self.scale:
+            raise CkksError(
+                f"ciphertext scale {inner[0].scale} differs from the preset's {self.scale}"
+            )
+        return vector, inner[0]
+
+    def load_ciphertext(self, data: bytes) -> Any:
+        """Deserialise and check one fresh ciphertext (a SEAL ``Ciphertext``)."""
+        return self._load_vector(data)[1]
 
     def weighted_sum(
         self, columns: Sequence[Sequence[bytes]], weights: Sequence[int]
     ) -> list[bytes]:
         """``sum_i weights[i] * ct[i][k]`` for every ciphertext index k, serialised.
 
-        ``columns[i]`` are client i's ciphertexts in order. Integer weights are exact; the
-        accumulator is updated in place (no copies).
+        ``columns[i]`` are client i's ciphertexts in order. Each is deserialised once, in
+        memory; integer weights are encoded at scale 1, so the product is exact and consumes
+        no level; the accumulator is updated in place (no copies).
         """
         if len(columns) != len(weights) or not columns:
             raise CkksError("weighted_sum needs one weight per contributor and >= 1 contributor")
-        count = len(columns[0])
-        plains = []
         for w in weights:
             if not (isinstance(w, int) and w >= 1):
                 raise CkksError(f"weights must be positive integers, got {w!r}")
-            plain = seal.Plaintext()
-            self.encoder.encode(float(w), 1.0, plain)
-            plains.append(plain)
+        count = len(columns[0])
         out: list[bytes] = []
-        for k in range(count):
-            acc = self.load_ciphertext(columns[0][k])
-            self.evaluator.multiply_plain_inplace(acc, plains[0])
-            for i in range(1, len(columns)):
-                ct = self.load_ciphertext(columns[i][k])
-                self.evaluator.multiply_plain_inplace(ct, plains[i])
-                self.evaluator.add_inplace(acc, ct)
-            out.append(_save(acc))
+        try:
+            for k in range(count):
+                acc = self._load_vector(columns[0][k])[0]
+                acc.mul_(int(weights[0]))
+                for i in range(1, len(columns)):
+                    term = self._load_vector(columns[i][k])[0]
+                    term.mul_(int(weights[i]))
+                    acc.add_(term)
+                out.append(_proto_field(acc.serialize(), 2))
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise CkksError(f"cannot sum ciphertexts: {exc}") from None
         return out
 
     # -- trust-preset evaluation (server side) -------------------------------------------
@@ -765,8 +885,10 @@ def weighted_sum(
     *,
     parallel: bool | None = None,
 ) -> list[bytes]:
-    """Per-index weighted sum of every contributor's ciphertexts, split over both cores by
-    ciphertext index (each worker deserialises and accumulates its share in place)."""
+    """The server's aggregation: per-index weighted sum of every contributor's ciphertexts,
+    split over both cores by ciphertext index. Each forked worker inherits the inputs
+    (no pickling), deserialises and accumulates its share in place, and returns its sums
+    serialised."""
     if not ciphertexts:
         raise CkksError("weighted_sum needs at least one contributor")
     count = len(ciphertexts[0])

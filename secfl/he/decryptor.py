@@ -43,7 +43,6 @@ from secfl.he.messages import (
     ScalarRequest,
     SumRelease,
     SumRequest,
-    frame_blobs,
     unframe_blobs,
 )
 from secfl.randomness import Randomness
@@ -66,9 +65,10 @@ class DecryptorPolicy:
     query_budget: int
 
 
-def rounds_per_epoch(query_budget: int, num_clients: int) -> int:
-    """Rounds one key serves: a round releases at most one sum and 3 scalars per client."""
-    return max(1, query_budget // (1 + 3 * num_clients))
+def rounds_per_epoch(query_budget: int, num_clients: int, ciphertexts_per_sum: int) -> int:
+    """Rounds one key serves: a round releases at most one sum (one query per ciphertext)
+    and three scalars per client."""
+    return max(1, query_budget // (ciphertexts_per_sum + 3 * num_clients))
 
 
 def epoch_of_round(round_index: int, per_epoch: int) -> int:
@@ -288,16 +288,17 @@ class Decryptor:
                     f"client {u.client_id} sent {len(column)} ciphertexts, a model of "
                     f"{first.model_size} parameters needs {expected}"
                 )
-        recomputed = ckks.weighted_sum(key.public, columns, weights)
-        claimed = unframe_blobs(request.aggregate, "SumRequest.aggregate")
-        if frame_blobs(recomputed) != frame_blobs(claimed):
+        recomputed = key.public.weighted_sum(columns, weights)
+        digest = ckks.aggregate_digest(recomputed)
+        if digest != request.aggregate_digest:
             raise DecryptorRefusal(
                 "the server's aggregate does not equal the decryptor's recomputation from the "
                 "signed updates (rotated, derived or substituted ciphertext)"
             )
         self._charge(first.epoch, len(recomputed))
         n = self._preset.params_per_ciphertext
-        decrypted = np.concatenate([key.decrypt(ct, n) for ct in recomputed])[: first.model_size]
+        decrypted = np.concatenate([key.decrypt(ct, n) for ct in recomputed])
+        decrypted = decrypted[: first.model_size]
         sigma = self._plan.sum_sigma(total)
         noise = self._noise(request.round, request.attempt, "sum", decrypted.size) * sigma
         mean = ((decrypted + noise) / total).astype(np.float32)

@@ -162,9 +162,10 @@ class ContextReply(WireMessage):
 class SumRequest(WireMessage):
     """Server -> decryptor: release the weighted mean of these signed updates.
 
-    ``updates`` are the clients' :class:`EncryptedUpdate` encodings, framed; ``aggregate``
-    the server's framed sum ciphertexts, which the decryptor checks against its own
-    recomputation and never decrypts.
+    ``updates`` are the clients' :class:`EncryptedUpdate` encodings, framed;
+    ``aggregate_digest`` the digest of the server's sum ciphertexts
+    (:func:`secfl.crypto.ckks.aggregate_digest`), which the decryptor checks against its own
+    recomputation. The decryptor decrypts only its recomputation.
     """
 
     TYPE_ID: ClassVar[int] = 204
@@ -174,13 +175,13 @@ class SumRequest(WireMessage):
         ("attempt", "u32"),
         ("epoch", "u32"),
         ("updates", "bytes"),
-        ("aggregate", "bytes"),
+        ("aggregate_digest", "bytes"),
     )
     round: int
     attempt: int
     epoch: int
     updates: bytes
-    aggregate: bytes
+    aggregate_digest: bytes
 
 
 @dataclass(frozen=True, eq=False)

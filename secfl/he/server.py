@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from secfl.crypto import ckks
 from secfl.crypto.sign import verify_signature
 from secfl.errors import CkksError, MessageError, SignatureError
-from secfl.he.decryptor import epoch_of_round
+from secfl.he.decryptor import epoch_of_round, rounds_per_epoch
 from secfl.he.messages import (
     UPDATE_SIGNATURE_CONTEXT,
     CkksFitIns,
@@ -45,13 +45,15 @@ class CkksProtection:
         decryptor: DecryptorChannel,
         client_keys: Mapping[int, bytes],
         min_cohort: int,
-        rounds_per_epoch: int,
+        num_clients: int,
+        query_budget: int,
     ) -> None:
         self._preset = preset
         self._decryptor = decryptor
         self._client_keys = dict(client_keys)
         self._min_cohort = min_cohort
-        self._rounds_per_epoch = rounds_per_epoch
+        self._num_clients = num_clients
+        self._query_budget = query_budget
         self._epoch: int | None = None
         self._client_context = b""
         self._public: ckks.PublicContext | None = None
@@ -116,7 +118,9 @@ class CkksProtection:
     def aggregate(
         self, transport: Transport, participants: list[int], ctx: RoundContext
     ) -> AggregateResult | None:
-        epoch = epoch_of_round(ctx.round, self._rounds_per_epoch)
+        per_sum = max(1, -(-ctx.model_size // self._preset.params_per_ciphertext))
+        per_epoch = rounds_per_epoch(self._query_budget, self._num_clients, per_sum)
+        epoch = epoch_of_round(ctx.round, per_epoch)
         public = self._contexts(epoch)
         client_context = self._client_context
         ins = CkksFitIns(
@@ -151,7 +155,7 @@ class CkksProtection:
         ids = sorted(accepted)
         weights = [int(accepted[i][1].num_samples) for i in ids]
         try:
-            aggregate = ckks.weighted_sum(public, [accepted[i][2] for i in ids], weights)
+            summed = ckks.weighted_sum(public, [accepted[i][2] for i in ids], weights)
         except CkksError as exc:
             ctx.events.emit("warning", message=f"ckks aggregation failed: {exc}")
             return None
@@ -160,7 +164,7 @@ class CkksProtection:
             attempt=ctx.attempt,
             epoch=epoch,
             updates=frame_blobs([accepted[i][0] for i in ids]),
-            aggregate=frame_blobs(aggregate),
+            aggregate_digest=ckks.aggregate_digest(summed),
         )
         reply = decode_message(self._decryptor(request.to_bytes()))
         if isinstance(reply, Refusal):

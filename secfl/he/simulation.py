@@ -14,7 +14,7 @@ from secfl.audit.events import EventLog
 from secfl.crypto import ckks
 from secfl.crypto.sign import SigningKey
 from secfl.he.client import CkksClient
-from secfl.he.decryptor import Decryptor, DecryptorPolicy, rounds_per_epoch
+from secfl.he.decryptor import Decryptor, DecryptorPolicy
 from secfl.he.server import CkksProtection
 from secfl.randomness import Randomness
 
@@ -54,5 +54,6 @@ def build_protection(
         decryptor=decryptor.handle,
         client_keys=identities,
         min_cohort=config.aggregation.min_cohort,
-        rounds_per_epoch=rounds_per_epoch(policy.query_budget, len(clients)),
+        num_clients=len(clients),
+        query_budget=policy.query_budget,
     )
