@@ -708,11 +708,9 @@ class SecretContext:
         parts = [preset.name.encode(), self._params_bytes, _save(self._public_key)]
         client_parts = list(parts)
         if preset.galois_keys:
-            relin = seal.RelinKeys()
-            keygen.create_relin_keys(relin)
-            galois = seal.GaloisKeys()
-            keygen.create_galois_keys(galois)
-            parts += [_save(relin), _save(galois)]
+            # SEAL's "serializable" keys replace each uniform polynomial by its PRNG seed,
+            # so the server context travels at about half the size; it expands on load.
+            parts += [_save(keygen.create_relin_keys()), _save(keygen.create_galois_keys())]
         self._client_bytes = _CONTEXT_MAGIC + _frame(client_parts)
         self._server_bytes = _CONTEXT_MAGIC + _frame(parts)
         self._decryptor = seal.Decryptor(self.context, self._secret_key)
