@@ -22,7 +22,7 @@ from secfl.randomness import Randomness
 def test_prg_known_answers_aes_zero_key() -> None:
     # FIPS-197 style: AES-128 / AES-256 under the all-zero key of the blocks 0 and 1.
     assert keystream(bytes(16), 32).hex() == (
-        "66e94bd4ef8a2c3b884cfa59ca342b2e" "58e2fccefa7e3061367f1d57a4e7455a"
+        "66e94bd4ef8a2c3b884cfa59ca342b2e58e2fccefa7e3061367f1d57a4e7455a"
     )
     assert keystream(bytes(32), 16).hex() == "dc95c078a2408989ad48a21492842087"
 
@@ -100,8 +100,7 @@ def test_hkdf_rfc5869_test_case_1() -> None:
         length=42,
     )
     assert okm.hex() == (
-        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
-        "34007208d5b887185865"
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
     )
 
 
@@ -124,7 +123,9 @@ def test_hkdf_info_is_domain_separated() -> None:
 
 
 def test_x25519_rfc7748_vector() -> None:
-    alice = KeyPair(bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"))
+    alice = KeyPair(
+        bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+    )
     bob_public = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
     assert alice.public.hex() == (
         "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
@@ -181,7 +182,9 @@ def test_shamir_any_t_shares_reconstruct_and_t_minus_1_do_not(
     t = data.draw(st.integers(1, n))
     raw = Randomness("seeded", seed).stream("secret").bytes(32 * secrets)
     secret = np.frombuffer(raw, dtype=np.uint8).reshape(secrets, 32)
-    xs = np.array(data.draw(st.lists(st.integers(1, 2**31 - 2), min_size=n, max_size=n, unique=True)))
+    xs = np.array(
+        data.draw(st.lists(st.integers(1, 2**31 - 2), min_size=n, max_size=n, unique=True))
+    )
     shares = shamir.split(shamir.secret_to_elements(secret), xs, t, _residues(seed))
     subset = sorted(data.draw(st.lists(st.integers(0, n - 1), min_size=t, max_size=t, unique=True)))
     pts = np.tile(xs[subset], (secrets, 1))
@@ -192,9 +195,7 @@ def test_shamir_any_t_shares_reconstruct_and_t_minus_1_do_not(
         fewer = subset[: t - 1]
         # Interpolating t-1 shares alone (as if they sufficed) misses the secret: with one
         # point fewer, every candidate secret is equally consistent with them.
-        wrong = shamir.reconstruct(
-            np.array([xs[fewer]]), np.stack([shares[fewer, 0, :]])
-        )
+        wrong = shamir.reconstruct(np.array([xs[fewer]]), np.stack([shares[fewer, 0, :]]))
         assert not np.array_equal(wrong[0], shamir.secret_to_elements(secret)[0])
 
 

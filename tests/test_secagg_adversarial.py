@@ -59,7 +59,7 @@ def test_wrong_round_aborts_and_wipes(stage: str) -> None:
 @pytest.mark.parametrize("stage", ["share_keys", "masked_input", "consistency_check", "unmask"])
 def test_replayed_request_aborts_and_wipes(stage: str) -> None:
     fed = Federation(5, 8, MaskingConfig())
-    srv, requests = _drive_to(fed, stage)
+    _srv, requests = _drive_to(fed, stage)
     msg = decode_message(requests[2])
     getattr(fed.clients[2], HANDLER[stage])(msg)  # once is fine
     if stage == "unmask":
@@ -133,7 +133,12 @@ def test_bad_consistency_signature_aborts() -> None:
     _, msg = _request(fed, "unmask", 3)
     forged = bytearray(msg.signatures)
     forged[5] ^= 1
-    _abort(fed, 3, dataclasses.replace(msg, signatures=bytes(forged)), "bad signature: consistency signature of client 0")
+    _abort(
+        fed,
+        3,
+        dataclasses.replace(msg, signatures=bytes(forged)),
+        "bad signature: consistency signature of client 0",
+    )
 
 
 def test_substituted_advertised_key_aborts() -> None:
@@ -141,7 +146,12 @@ def test_substituted_advertised_key_aborts() -> None:
     _, msg = _request(fed, "share_keys", 4)
     c_pks = bytearray(msg.c_pks)
     c_pks[32 * 2 : 32 * 3] = bytes(range(32))  # the server swaps client 2's key for its own
-    _abort(fed, 4, dataclasses.replace(msg, c_pks=bytes(c_pks)), "bad signature: advertised keys of client 2")
+    _abort(
+        fed,
+        4,
+        dataclasses.replace(msg, c_pks=bytes(c_pks)),
+        "bad signature: advertised keys of client 2",
+    )
 
 
 def test_substituted_identity_key_aborts_the_round() -> None:
@@ -157,13 +167,18 @@ def test_substituted_identity_key_aborts_the_round() -> None:
         sig = bytearray(msg.signatures)
         pks = bytearray(msg.c_pks)
         pks[32:64] = bytes(range(1, 33))
-        signed = m.advertise_signed_bytes(1, 0, 1, bytes(pks[32:64]), msg.s_pks[32:64], fed.server().params.digest())
+        signed = m.advertise_signed_bytes(
+            1, 0, 1, bytes(pks[32:64]), msg.s_pks[32:64], fed.server().params.digest()
+        )
         sig[64:128] = impostor.sign(m.ADVERTISE_CONTEXT, signed)
         return dataclasses.replace(msg, c_pks=bytes(pks), signatures=bytes(sig)).to_bytes()
 
     with pytest.raises(SecAggAbort, match="below threshold"):
         fed.run(tamper=tamper)
-    assert all("advertised keys of client 1" in e or "altered this client's own" in e for e in fed.errors.values())
+    assert all(
+        "advertised keys of client 1" in e or "altered this client's own" in e
+        for e in fed.errors.values()
+    )
     assert len(fed.errors) == 5
     assert not any(c.holds_secrets for c in fed.clients.values())
 
@@ -244,7 +259,7 @@ def test_masked_vector_is_statistically_uniform() -> None:
     fed = Federation(4, d, MaskingConfig(bits=32, max_weight=1))
     for i in fed.ids:  # a constant, very non-uniform input
         fed.updates[i] = (np.full(d, 0.25, dtype=np.float32), 1)
-    srv, requests = _drive_to(fed, "masked_input")
+    _srv, requests = _drive_to(fed, "masked_input")
     res = decode_message(fed.deliver(0, requests[0]))
     words = res.masked32[:-1]
     # chi-square on the top 8 bits (256 bins) and on the low 8 bits

@@ -61,8 +61,9 @@ class Federation:
         self.clients = {i: self.make_client(i) for i in self.ids}
         self.errors: dict[int, str] = {}
 
-    def make_client(self, i: int, registry: IdentityRegistry | None = None,
-                    log: ShareReleaseLog | None = None) -> SecAggClient:
+    def make_client(
+        self, i: int, registry: IdentityRegistry | None = None, log: ShareReleaseLog | None = None
+    ) -> SecAggClient:
         return SecAggClient(
             i,
             masking=self.masking,
@@ -119,8 +120,9 @@ class Federation:
             srv.receive(replies)
         return srv
 
-    def expected_raw_sum(self, survivors: tuple[int, ...], round_index: int = 1,
-                         attempt: int = 0) -> np.ndarray:
+    def expected_raw_sum(
+        self, survivors: tuple[int, ...], round_index: int = 1, attempt: int = 0
+    ) -> np.ndarray:
         params = derive_params(self.masking, n=len(self.ids), min_cohort=self.min_cohort)
         total = np.zeros(self.d + 1, dtype=np.uint64)
         for i in survivors:
@@ -128,7 +130,9 @@ class Federation:
             seed = self.randomness.stream(
                 "secagg.rounding", round_index=round_index, attempt=attempt, party=f"client:{i}"
             ).bytes(32)
-            total += encode_reference(params, update, client_weight(params, samples), seed).astype(np.uint64)
+            total += encode_reference(params, update, client_weight(params, samples), seed).astype(
+                np.uint64
+            )
         return total & np.uint64((1 << params.bits) - 1) if params.bits < 64 else total
 
 
@@ -136,7 +140,9 @@ def plaintext_mean(fed: Federation, survivors: tuple[int, ...]) -> tuple[np.ndar
     params = derive_params(fed.masking, n=len(fed.ids), min_cohort=fed.min_cohort)
     weights = {i: client_weight(params, fed.updates[i][1]) for i in survivors}
     clip = params.clip_range
-    acc = sum(weights[i] * np.clip(fed.updates[i][0].astype(np.float64), -clip, clip) for i in survivors)
+    acc = sum(
+        weights[i] * np.clip(fed.updates[i][0].astype(np.float64), -clip, clip) for i in survivors
+    )
     total = sum(weights.values())
     return acc / total, total
 
@@ -146,10 +152,7 @@ def scenarios(draw: st.DrawFn) -> tuple[int, int, MaskingConfig, int, dict[str, 
     n = draw(st.integers(3, 9))
     d = draw(st.integers(1, 40))
     sparse = draw(st.booleans()) and n >= 5
-    if sparse:
-        k = draw(st.sampled_from([x for x in range(2, n - 1) if x % 2 == 0]))
-    else:
-        k = n - 1
+    k = draw(st.sampled_from([x for x in range(2, n - 1) if x % 2 == 0])) if sparse else n - 1
     variant = draw(st.sampled_from(["semi-honest", "active"]))
     floor = (2 * k) // 3 + 1 if variant == "active" else k // 2 + 1
     min_cohort = draw(st.integers(1, 3))
@@ -169,7 +172,9 @@ def scenarios(draw: st.DrawFn) -> tuple[int, int, MaskingConfig, int, dict[str, 
     drops: dict[str, set[int]] = {}
     alive = list(range(n))
     for stage in m.STAGES:
-        gone = set(draw(st.lists(st.sampled_from(alive), max_size=2, unique=True))) if alive else set()
+        gone = (
+            set(draw(st.lists(st.sampled_from(alive), max_size=2, unique=True))) if alive else set()
+        )
         drops[stage] = gone
         alive = [c for c in alive if c not in gone]
     return n, d, masking, min_cohort, drops
@@ -215,7 +220,9 @@ def test_unmasked_sum_equals_survivors_plaintext_sum(scenario, seed: int) -> Non
 def test_fewer_than_t_survivors_abort_with_no_partial_sum() -> None:
     fed = Federation(6, 10, MaskingConfig(threshold=4), min_cohort=2)
     srv = fed.server()
-    with pytest.raises(SecAggAbort, match=r"below threshold at masked_input: 3 masked inputs, need at least 4"):
+    with pytest.raises(
+        SecAggAbort, match=r"below threshold at masked_input: 3 masked inputs, need at least 4"
+    ):
         fed.run({"masked_input": {0, 1, 2}}, server=srv)
     assert srv.result is None and srv.done is False
 

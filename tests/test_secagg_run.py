@@ -55,7 +55,9 @@ def test_masking_run_matches_plaintext_closely(tmp_path: Path) -> None:
 
 
 def test_dropouts_are_simulated_logged_and_recovered(tmp_path: Path) -> None:
-    raw = _small(simulation={"dropout_rate": 0.3, "dropout_stages": ["share_keys", "masked_input", "unmask"]})
+    raw = _small(
+        simulation={"dropout_rate": 0.3, "dropout_stages": ["share_keys", "masked_input", "unmask"]}
+    )
     raw["rounds"] = 3
     raw["aggregation"]["masking"] = {"threshold": 3}
     first = run(config_from_dict(raw), tmp_path / "a")
@@ -68,12 +70,16 @@ def test_dropouts_are_simulated_logged_and_recovered(tmp_path: Path) -> None:
         if sim["stage"] == "unmask":
             continue  # a client lost at unmask is still a survivor: its input is in the sum
         assert any(
-            d["client"] == sim["client"] and d["round"] == sim["round"] and d["stage"] == sim["stage"]
+            d["client"] == sim["client"]
+            and d["round"] == sim["round"]
+            and d["stage"] == sim["stage"]
             for d in dropped
         ) or any(e["event"] == "secagg_aborted" and e["round"] == sim["round"] for e in events)
     # reproducible in seeded mode
     second = run(config_from_dict(raw), tmp_path / "b")
-    again = [e for e in read_events(tmp_path / "b" / "events.jsonl") if e["event"] == "simulated_dropout"]
+    again = [
+        e for e in read_events(tmp_path / "b" / "events.jsonl") if e["event"] == "simulated_dropout"
+    ]
     assert [(e["round"], e["client"], e["stage"]) for e in again] == [
         (e["round"], e["client"], e["stage"]) for e in simulated
     ]
@@ -125,7 +131,9 @@ def test_os_mode_resume_uses_a_fresh_attempt(tmp_path: Path) -> None:
     result = run(config, folder, resume=True)
     assert result.history[-1]["round"] == 2 and result.history[-1]["attempt"] == 1
     events = read_events(folder / "events.jsonl")
-    assert any(e["event"] == "secagg_unmasked" and e["round"] == 2 and e["attempt"] == 1 for e in events)
+    assert any(
+        e["event"] == "secagg_unmasked" and e["round"] == 2 and e["attempt"] == 1 for e in events
+    )
     assert (folder / "client_state").is_dir()  # os mode: release logs persist on disk
 
 
@@ -135,9 +143,15 @@ def test_dropout_transport_passes_unlisted_stages() -> None:
             return dict(requests)
 
     with pytest.raises(ConfigError):
-        DropoutTransport(Echo(), rate=1.5, stages=["fit"], randomness=Randomness("seeded", 0),
-                         events=None)  # type: ignore[arg-type]
+        DropoutTransport(
+            Echo(), rate=1.5, stages=["fit"], randomness=Randomness("seeded", 0), events=None
+        )  # type: ignore[arg-type]
     cfg = config_from_dict(_small())
-    same = with_simulated_dropouts(Echo(), cfg.simulation, protection="masking",  # type: ignore[arg-type]
-                                   randomness=Randomness("seeded", 0), events=None)  # type: ignore[arg-type]
+    same = with_simulated_dropouts(
+        Echo(),
+        cfg.simulation,
+        protection="masking",  # type: ignore[arg-type]
+        randomness=Randomness("seeded", 0),
+        events=None,
+    )  # type: ignore[arg-type]
     assert isinstance(same, Echo)

@@ -81,6 +81,18 @@ def _plaintext_sum_seconds(arrays: list[np.ndarray], repeats: int) -> dict[str, 
     }
 
 
+def _raw_expansion_seconds(seed: bytes, buffer: np.ndarray, count: int) -> float:
+    """One raw AES-CTR expansion (one thread, preallocated buffer), as the mean of a burst of
+    ``count`` back-to-back expansions: on a loaded machine a single sub-millisecond call
+    tends to fit in one scheduler slice while the multi-millisecond stage it is compared
+    with does not, which would bias the ratio; a burst of the stage's length does not."""
+    expand_into(seed, buffer)
+    started = time.perf_counter()
+    for _ in range(count):
+        expand_into(seed, buffer)
+    return (time.perf_counter() - started) / count
+
+
 class _ProtocolRun:
     """N clients + one server; records every stage's replies for server replays."""
 
@@ -93,29 +105,40 @@ class _ProtocolRun:
             np.float32
         )
         self.weights = np.zeros(d, dtype=np.float32)
-        self.clients = {
-            i: SecAggClient(
-                i,
-                masking=masking,
-                min_cohort=3,
-                signing_key=keys[i],
-                registry=self.registry,
-                randomness=self.randomness,
-                compute_update=lambda r, a, h, w: (update, 100),
-                engine=engine,
-            )
-            for i in range(n)
-        }
+        self._keys = keys
+        self._update = update
+        self.clients = {i: self.fresh_client(i) for i in range(n)}
         # the dropped clients vanish after sharing keys: the costliest case for the server
         step = max(1, n // max(drop, 1))
         self.dropped = {i * step for i in range(drop)}
         self.recorded: list[dict[int, bytes | None]] = []
+        self.probe = next(i for i in range(n) if i not in self.dropped)
+        self.probe_requests: list[bytes] = []
+
+    def fresh_client(self, i: int) -> SecAggClient:
+        # seeded randomness: a fresh client for id i draws exactly the same keys and seeds
+        return SecAggClient(
+            i,
+            masking=self.masking,
+            min_cohort=3,
+            signing_key=self._keys[i],
+            registry=self.registry,
+            randomness=self.randomness,
+            compute_update=lambda r, a, h, w: (self._update, 100),
+            engine=self.engine,
+        )
 
     def server(self) -> SecAggServer:
         return SecAggServer(
-            masking=self.masking, min_cohort=3, participants=list(range(self.n)),
-            round_index=1, attempt=0, model_hash=b"bench", weights=self.weights,
-            registry=self.registry, engine=self.engine,
+            masking=self.masking,
+            min_cohort=3,
+            participants=list(range(self.n)),
+            round_index=1,
+            attempt=0,
+            model_hash=b"bench",
+            weights=self.weights,
+            registry=self.registry,
+            engine=self.engine,
         )
 
     def run_clients(self) -> SecAggServer:
@@ -124,6 +147,8 @@ class _ProtocolRun:
             stage = srv.stage
             replies: dict[int, bytes | None] = {}
             for cid, payload in srv.requests().items():
+                if cid == self.probe and stage in ("advertise_keys", "share_keys", "masked_input"):
+                    self.probe_requests.append(payload)
                 if stage == "masked_input" and cid in self.dropped:
                     replies[cid] = None
                     continue
@@ -147,6 +172,28 @@ class _ProtocolRun:
             srv.receive(replies)
         return srv
 
+    def paired_client_ratios(self, seed: bytes, repeats: int) -> tuple[list[float], list[float]]:
+        """Per repeat: a fresh client reaches masked_input, then one raw expansion (median of
+        5) and the client's whole masked-input stage are timed back to back; returns the
+        stage times and the per-neighbour ratios (robust to load drifting between them)."""
+        buffer = np.empty(self.d + 1, dtype=np.uint32)
+        stages, ratios = [], []
+        for _ in range(repeats):
+            client = self.fresh_client(self.probe)
+            for payload in self.probe_requests[:2]:
+                self._deliver_to(client, payload)
+            k = len(client.neighbours)
+            raw = _raw_expansion_seconds(seed, buffer, k)
+            self._deliver_to(client, self.probe_requests[2])
+            stage = client.timings["masked_input"]
+            stages.append(stage)
+            ratios.append(stage / k / raw)
+        return stages, ratios
+
+    def _deliver_to(self, client: SecAggClient, payload: bytes) -> None:
+        message = decode_message(payload)
+        getattr(client, _HANDLERS[type(message)])(message)
+
     def client_stage_ms(self) -> dict[str, float]:
         stages = (*m.STAGES, "masked_input_mask")
         out = {}
@@ -157,13 +204,25 @@ class _ProtocolRun:
 
 
 def _secfl_variants(
-    n: int, d: int, k: int, bits: int, drop: int, repeats: int, engine: MaskEngine
+    n: int,
+    d: int,
+    k: int,
+    bits: int,
+    drop: int,
+    repeats: int,
+    engine: MaskEngine,
+    plain: list[np.ndarray],
+    seed: bytes,
 ) -> dict[str, dict[str, Any]]:
     variants = {
         "complete_drop0": (MaskingConfig(graph="complete", bits=bits, max_weight=128), 0),
-        f"k{k}_drop0": (MaskingConfig(graph="k_regular", neighbors=k, bits=bits, max_weight=128), 0),
+        f"k{k}_drop0": (
+            MaskingConfig(graph="k_regular", neighbors=k, bits=bits, max_weight=128),
+            0,
+        ),
         f"k{k}_drop10": (
-            MaskingConfig(graph="k_regular", neighbors=k, bits=bits, max_weight=128), drop,
+            MaskingConfig(graph="k_regular", neighbors=k, bits=bits, max_weight=128),
+            drop,
         ),
         "complete_drop10": (MaskingConfig(graph="complete", bits=bits, max_weight=128), drop),
     }
@@ -175,11 +234,18 @@ def _secfl_variants(
         whole = time.perf_counter() - started
         if first.result is None:
             raise SecflError(f"benchmark variant {name} did not produce a sum")
-        totals, stages = [], []
+        totals, stages, plains, ratios = [], [], [], []
+        survivors = plain[: len(first.result.survivors)]
         for _ in range(repeats):
+            # paired: the plaintext sum of as many float32 vectors, then a server replay
+            plain_s = min(_plaintext_sum_seconds(survivors, 1).values())
             srv = run.replay_server()
-            totals.append(sum(srv.timings.values()))
+            total = sum(srv.timings.values())
+            totals.append(total)
+            plains.append(plain_s)
+            ratios.append(total / plain_s)
             stages.append(srv.timings)
+        client_stage, client_ratio = run.paired_client_ratios(seed, repeats)
         server_stage_ms = {
             s: _ms(float(np.median([t.get(s, 0.0) for t in stages]))) for s in m.STAGES
         }
@@ -194,6 +260,12 @@ def _secfl_variants(
             "server_stage_ms": server_stage_ms,
             "server_total_ms": _ms(median(totals)),
             "server_total_ms_all": [_ms(t) for t in totals],
+            "plaintext_sum_ms_paired": [_ms(t) for t in plains],
+            "server_ratio_vs_plaintext": round(median(ratios), 3),
+            "server_ratio_vs_plaintext_all": [round(r, 3) for r in ratios],
+            "client_masked_input_ms_paired": [_ms(t) for t in client_stage],
+            "client_ratio_vs_prg_per_neighbour": round(median(client_ratio), 3),
+            "client_ratio_vs_prg_per_neighbour_all": [round(r, 3) for r in client_ratio],
             "whole_simulated_round_s": round(whole, 3),
         }
         del run, first
@@ -204,6 +276,7 @@ def _flower(
     n: int, d: int, k: int, drop: int, t_complete: int, repeats: int, secfl_secrets: int
 ) -> dict[str, Any]:
     try:
+        import flwr
         from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
         from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
             generate_shared_key,
@@ -217,10 +290,11 @@ def _flower(
         from flwr.common.secure_aggregation.quantization import quantize
         from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
         from flwr.supercore.primitives.asymmetric import generate_key_pairs
-        import flwr
     except ImportError as exc:
-        return {"available": False, "reason": f"flwr==1.41.0 is not installed ({exc}); "
-                "pip install 'secfl[bench]'"}
+        return {
+            "available": False,
+            "reason": f"flwr==1.41.0 is not installed ({exc}); pip install 'secfl[bench]'",
+        }
     modulus = 1 << 32
     target = 1 << 22
     x = [(Randomness("seeded", 1).stream("bench.update").normal(d) * 0.01).astype(np.float32)]
@@ -230,14 +304,14 @@ def _flower(
 
     def client_mask() -> list[np.ndarray]:
         # secaggplus_mod's masked-input step: quantize, self mask, k pairwise masks, mod.
-        vec = factor_combine(1, quantize(x, _CLIP, target))
+        vec = factor_combine(1, quantize(x, _CLIP, target))  # type: ignore[arg-type]
         shapes = [a.shape for a in vec]  # the weight factor travels as a 0-d array
         vec = parameters_addition(vec, pseudo_rand_gen(seed, modulus, shapes))
         for j in neighbours:  # client 0: every neighbour has a larger index -> subtract
             shared = generate_shared_key(keys[0][0], keys[j][1])
             mask = pseudo_rand_gen(shared, modulus, shapes)
             vec = parameters_subtraction(vec, mask)
-        return parameters_mod(vec, modulus)  # type: ignore[no-any-return]
+        return parameters_mod(vec, modulus)
 
     client_s = median(time_repeats(client_mask, max(1, min(repeats, 3))))
     vector = client_mask()  # a masked vector as the server receives it
@@ -313,10 +387,12 @@ def _secfl_shamir(n: int, t: int, repeats: int) -> dict[str, float]:
     if not np.array_equal(recovered, secrets):
         raise SecflError("benchmark Shamir reconstruction is wrong")
     return {
-        "split_single_ms": _ms(median(time_repeats(
-            lambda: shamir.split(elements[:1], xs, t, draw), repeats))),
-        "reconstruct_single_ms": _ms(median(time_repeats(
-            lambda: shamir.reconstruct(one_x, one_y), repeats))),
+        "split_single_ms": _ms(
+            median(time_repeats(lambda: shamir.split(elements[:1], xs, t, draw), repeats))
+        ),
+        "reconstruct_single_ms": _ms(
+            median(time_repeats(lambda: shamir.reconstruct(one_x, one_y), repeats))
+        ),
         "reconstruct_batched_ms": _ms(median(time_repeats(batched, repeats))),
         "secrets": n,
         "threshold": t,
@@ -346,14 +422,13 @@ def bench_secagg(settings: BenchSettings) -> dict[str, Any]:
     arrays = [(data.normal(d) * 0.01).astype(np.float32) for _ in range(n)]
     plain_all = _plaintext_sum_seconds(arrays, repeats)
     plain_drop = _plaintext_sum_seconds(arrays[: n - drop], repeats)
-    del arrays
     plain_all_s = min(plain_all.values())
     plain_drop_s = min(plain_drop.values())
 
-    variants = _secfl_variants(n, d, k, bits, drop, repeats, engine)
+    variants = _secfl_variants(n, d, k, bits, drop, repeats, engine, arrays, seed)
+    del arrays
     kd0, kd10 = f"k{k}_drop0", f"k{k}_drop10"
-    client_k = max(variants[kd0]["client_stage_ms"]["masked_input"],
-                   variants[kd10]["client_stage_ms"]["masked_input"])
+    client_k = max(median(variants[v]["client_masked_input_ms_paired"]) for v in (kd0, kd10))
     complete_t = variants["complete_drop0"]["threshold"]
     ours_shamir = _secfl_shamir(n, complete_t, repeats)
     flower = _flower(n, d, k, drop, complete_t, repeats, n)
@@ -362,14 +437,18 @@ def bench_secagg(settings: BenchSettings) -> dict[str, Any]:
     server_cd0 = variants["complete_drop0"]["server_total_ms"]
     server_kd10 = variants[kd10]["server_total_ms"]
     return {
-        "client_ratio_vs_prg_per_neighbour": _ratio(client_k / k, _ms(prg_s)),
-        "server_ratio_vs_plaintext_complete_drop0": _ratio(server_cd0, _ms(plain_all_s)),
+        "client_ratio_vs_prg_per_neighbour": max(
+            variants[v]["client_ratio_vs_prg_per_neighbour"] for v in (kd0, kd10)
+        ),
+        "server_ratio_vs_plaintext_complete_drop0": variants["complete_drop0"][
+            "server_ratio_vs_plaintext"
+        ],
         "server_ratio_vs_plaintext_k14_drop10"
         if k == 14
-        else f"server_ratio_vs_plaintext_k{k}_drop10": _ratio(server_kd10, _ms(plain_drop_s)),
-        "speedup_vs_flower_client_k14"
-        if k == 14
-        else f"speedup_vs_flower_client_k{k}": _ratio(flower.get("client_mask_k_ms"), client_k)
+        else f"server_ratio_vs_plaintext_k{k}_drop10": variants[kd10]["server_ratio_vs_plaintext"],
+        "speedup_vs_flower_client_k14" if k == 14 else f"speedup_vs_flower_client_k{k}": _ratio(
+            flower.get("client_mask_k_ms"), client_k
+        )
         if available
         else None,
         "speedup_vs_flower_server_k14_drop10"
@@ -394,8 +473,12 @@ def bench_secagg(settings: BenchSettings) -> dict[str, Any]:
         "shamir_batched_reconstruct_ms": ours_shamir["reconstruct_batched_ms"],
         "threads": threads,
         "sizes": {"n": n, "d": d, "k": k, "bits": bits, "dropped": drop, "clip": _CLIP},
+        "method": "ratios are medians of per-repeat pairs (baseline timed right before the "
+        "measured operation), so load that drifts between them cancels; the flat ms figures are "
+        "medians over repeats",
         "baselines": {
-            "prg": "one AES-256-CTR expansion of d+1 u32 words into a preallocated buffer, 1 thread",
+            "prg": "one AES-256-CTR expansion of d+1 u32 words into a preallocated buffer "
+            "(1 thread); in the paired client ratio, the mean of a burst of k expansions",
             "plaintext_sum_ms": {key: _ms(v) for key, v in plain_all.items()},
             "plaintext_sum_drop10_ms": {key: _ms(v) for key, v in plain_drop.items()},
         },

@@ -89,6 +89,16 @@ def _private_from(raw: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(raw)
 
 
+def x25519_private(raw: bytes) -> X25519PrivateKey:
+    """A key object from 32 raw private bytes (e.g. Shamir-recovered), parsed once."""
+    return _private_from(raw)
+
+
+def public_of(key: X25519PrivateKey) -> bytes:
+    """The raw public key of a private key object."""
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def public_from_private(raw: bytes) -> bytes:
     """The public key of raw private bytes (checks a Shamir-recovered key against its ad)."""
     return (

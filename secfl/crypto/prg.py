@@ -83,7 +83,7 @@ def expand_into(seed: bytes, out: np.ndarray, *, start_word: int = 0) -> None:
         raise ConfigError(f"start_word {start_word} is not aligned to a 16-byte block")
     zeros = _zeros(out.nbytes)
     ctr_encryptor(seed, start_byte // BLOCK_BYTES).update_into(
-        zeros[: out.nbytes], memoryview(out).cast("B")
+        zeros[: out.nbytes], out.data.cast("B")
     )
 
 
@@ -107,7 +107,7 @@ def _zeros(nbytes: int) -> memoryview:
 class ChunkFill(Protocol):
     """Writes the initial contents of ``out`` = words ``[lo, hi)`` of the result."""
 
-    def __call__(self, lo: int, hi: int, out: np.ndarray) -> None: ...
+    def __call__(self, lo: int, hi: int, out: np.ndarray, /) -> None: ...
 
 
 #: Called once per thread range with the range's first word; returns that range's filler.
@@ -154,9 +154,11 @@ class MaskEngine:
         self.chunk_words = chunk_words
 
     def ranges(self, size: int, itemsize: int) -> list[tuple[int, int]]:
-        """Block-aligned word ranges, one per thread (fewer for small vectors)."""
-        align = BLOCK_BYTES // itemsize
-        per = -(-size // self.threads)
+        """Block-aligned word ranges, two per thread (fewer for small vectors): when another
+        process takes a core for a while, the idle worker picks up the remaining range."""
+        align = 4  # words: a 16-byte block for u32, and 4-byte rounding words stay aligned
+        tasks = 1 if self.threads == 1 else 2 * self.threads
+        per = -(-size // tasks)
         per = max(-(-per // align) * align, align)
         return [(lo, min(size, lo + per)) for lo in range(0, size, per)]
 
@@ -210,7 +212,7 @@ class MaskEngine:
         minus = [ctr_encryptor(s, start_block) for s in sub_seeds]
         chunk = min(self.chunk_words, hi - lo)
         scratch = np.empty(chunk, dtype=word)
-        scratch_bytes = memoryview(scratch).cast("B")
+        scratch_bytes = scratch.data.cast("B")
         zeros = _zeros(chunk * word.itemsize)
         filler = fill(lo) if fill is not None else None
         add, sub = np.add, np.subtract

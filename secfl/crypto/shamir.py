@@ -42,13 +42,17 @@ def chunks_for(secret_bytes: int) -> int:
 def secret_to_elements(secrets: np.ndarray) -> np.ndarray:
     """(S, B) uint8 secrets -> (S, ceil(B/3)) uint64 field elements (big-endian chunks)."""
     if secrets.ndim != 2 or secrets.dtype != np.uint8:
-        raise ConfigError(f"secrets must be a (S, B) uint8 array, got {secrets.shape} {secrets.dtype}")
+        raise ConfigError(
+            f"secrets must be a (S, B) uint8 array, got {secrets.shape} {secrets.dtype}"
+        )
     s, b = secrets.shape
     m = chunks_for(b)
     padded = np.zeros((s, m * CHUNK_BYTES), dtype=np.uint64)
     padded[:, :b] = secrets
     grouped = padded.reshape(s, m, CHUNK_BYTES)
-    return (grouped[:, :, 0] << np.uint64(16)) | (grouped[:, :, 1] << np.uint64(8)) | grouped[:, :, 2]
+    return (
+        (grouped[:, :, 0] << np.uint64(16)) | (grouped[:, :, 1] << np.uint64(8)) | grouped[:, :, 2]
+    )
 
 
 def elements_to_secret(elements: np.ndarray, secret_bytes: int) -> np.ndarray:
@@ -80,7 +84,9 @@ def split(
     if len(set(x.tolist())) != x.size:
         raise ConfigError("Shamir x-coordinates must be distinct")
     if not 1 <= threshold <= max(1, x.size):
-        raise ConfigError(f"threshold must be in [1, {x.size}] (number of holders), got {threshold}")
+        raise ConfigError(
+            f"threshold must be in [1, {x.size}] (number of holders), got {threshold}"
+        )
     if np.any(elements >= _P):
         raise ConfigError("secret elements must be field residues below 2^31 - 1")
     s, m = elements.shape

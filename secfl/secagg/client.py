@@ -43,8 +43,9 @@ ComputeUpdate = Callable[[int, int, bytes, np.ndarray], tuple[np.ndarray, int]]
 SECRET_BYTES = 32
 
 
-def pair_key(shared: bytes, label: str, round_index: int, attempt: int, u: int, v: int,
-             length: int = 32) -> bytes:
+def pair_key(
+    shared: bytes, label: str, round_index: int, attempt: int, u: int, v: int, length: int = 32
+) -> bytes:
     """HKDF of an X25519 secret, bound to the round, attempt and unordered pair {u, v}."""
     low, high = (u, v) if u < v else (v, u)
     return derive_key(shared, label, round_index, attempt, low, high, length=length)
@@ -84,8 +85,9 @@ class ShareReleaseLog:
         lines = []
         for peer, kind in releases.items():
             self._released[(round_index, attempt, peer)] = kind
-            lines.append(json.dumps({"round": round_index, "attempt": attempt, "peer": peer,
-                                     "kind": kind}))
+            lines.append(
+                json.dumps({"round": round_index, "attempt": attempt, "peer": peer, "kind": kind})
+            )
         if self.path is not None and lines:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as f:
@@ -246,7 +248,11 @@ class SecAggClient:
         self._s = KeyPair.generate(source)
         self._b = bytearray(stream.bytes(self.params.seed_bytes))
         signed = m.advertise_signed_bytes(
-            msg.round, msg.attempt, self.client_id, self._c.public, self._s.public,
+            msg.round,
+            msg.attempt,
+            self.client_id,
+            self._c.public,
+            self._s.public,
             self.params.digest(),
         )
         self.stage = "advertise_keys"
@@ -292,17 +298,23 @@ class SecAggClient:
             s_pk = msg.s_pks[32 * i : 32 * i + 32]
             sig = msg.signatures[64 * i : 64 * i + 64]
             self.registry.verify(
-                v, sig, m.ADVERTISE_CONTEXT,
+                v,
+                sig,
+                m.ADVERTISE_CONTEXT,
                 m.advertise_signed_bytes(msg.round, msg.attempt, v, c_pk, s_pk, digest),
                 what="advertised keys",
             )
             advertised[v] = (c_pk, s_pk)
         if advertised[self.client_id] != (c.public, s.public):
-            raise SecAggAbort("substituted key: the server altered this client's own advertised keys")
+            raise SecAggAbort(
+                "substituted key: the server altered this client's own advertised keys"
+            )
         all_keys = [k for pair in advertised.values() for k in pair]
         if len(set(all_keys)) != len(all_keys):
             raise SecAggAbort("duplicate keys: two advertised public keys are equal")
-        seed = graph_seed(msg.round, msg.attempt, [(v, cp, sp) for v, (cp, sp) in advertised.items()])
+        seed = graph_seed(
+            msg.round, msg.attempt, [(v, cp, sp) for v, (cp, sp) in advertised.items()]
+        )
         neighbours = build_neighbours(ids, params.k, seed)[self.client_id]
         if len(neighbours) + 1 < params.threshold:
             raise SecAggAbort(
@@ -327,19 +339,33 @@ class SecAggClient:
         blobs = []
         for j, v in enumerate(neighbours):
             c_pk_v, s_pk_v = advertised[v]
-            key = bytearray(pair_key(c.agree(c_pk_v), "secagg/share-key", msg.round, msg.attempt,
-                                     self.client_id, v))
+            key = bytearray(
+                pair_key(
+                    c.agree(c_pk_v), "secagg/share-key", msg.round, msg.attempt, self.client_id, v
+                )
+            )
             self._share_keys[v] = key
             self._mask_seeds[v] = bytearray(
-                pair_key(s.agree(s_pk_v), "secagg/pair-mask", msg.round, msg.attempt,
-                         self.client_id, v, length=params.seed_bytes)
+                pair_key(
+                    s.agree(s_pk_v),
+                    "secagg/pair-mask",
+                    msg.round,
+                    msg.attempt,
+                    self.client_id,
+                    v,
+                    length=params.seed_bytes,
+                )
             )
             plaintext = m.SHARE_PLAINTEXT.pack(
                 self.client_id, v, *shares[j, 0].tolist(), *shares[j, 1].tolist()
             )
             blobs.append(
-                aead.seal(bytes(key), aead.direction_nonce(self.client_id, v), plaintext,
-                          m.share_associated_data(msg.round, msg.attempt, self.client_id, v))
+                aead.seal(
+                    bytes(key),
+                    aead.direction_nonce(self.client_id, v),
+                    plaintext,
+                    m.share_associated_data(msg.round, msg.attempt, self.client_id, v),
+                )
             )
         self._own_shares = (shares[-1, 0].copy(), shares[-1, 1].copy())
         shares.fill(0)
@@ -491,16 +517,21 @@ class SecAggClient:
         if list(signers) != sorted(set(signers)) or not set(signers) <= set(self.survivors):
             raise SecAggAbort("wrong sender: consistency signatures from non-survivors")
         if len(msg.signatures) != 64 * len(signers):
-            raise SecAggAbort(f"wrong length: {len(signers)} signers need {64 * len(signers)} bytes")
+            raise SecAggAbort(
+                f"wrong length: {len(signers)} signers need {64 * len(signers)} bytes"
+            )
         if len(signers) < params.threshold:
             raise SecAggAbort(
                 f"below threshold: {len(signers)} consistency signatures < t={params.threshold}"
             )
         for i, v in enumerate(signers):
             self.registry.verify(
-                v, msg.signatures[64 * i : 64 * i + 64], m.CONSISTENCY_CONTEXT,
-                m.consistency_signed_bytes(msg.round, msg.attempt, v, self._model_hash,
-                                           self.survivors),
+                v,
+                msg.signatures[64 * i : 64 * i + 64],
+                m.CONSISTENCY_CONTEXT,
+                m.consistency_signed_bytes(
+                    msg.round, msg.attempt, v, self._model_hash, self.survivors
+                ),
                 what="consistency signature",
             )
         survivors = set(self.survivors)
@@ -510,10 +541,7 @@ class SecAggClient:
         b_shares: list[np.ndarray] = []
         s_shares: list[np.ndarray] = []
         for v in (*self.senders, self.client_id):
-            if v == self.client_id:
-                pair = own
-            else:
-                pair = self._open_share(v)
+            pair = own if v == self.client_id else self._open_share(v)
             if releases[v] == "b":
                 b_owners.append(v)
                 b_shares.append(pair[0])
@@ -526,9 +554,13 @@ class SecAggClient:
             attempt=msg.attempt,
             sender=self.client_id,
             b_owners=tuple(b_owners),
-            b_shares=np.concatenate(b_shares).astype(np.uint32) if b_shares else np.zeros(0, np.uint32),
+            b_shares=np.concatenate(b_shares).astype(np.uint32)
+            if b_shares
+            else np.zeros(0, np.uint32),
             s_owners=tuple(s_owners),
-            s_shares=np.concatenate(s_shares).astype(np.uint32) if s_shares else np.zeros(0, np.uint32),
+            s_shares=np.concatenate(s_shares).astype(np.uint32)
+            if s_shares
+            else np.zeros(0, np.uint32),
         )
         self.wipe()
         self.stage = "unmask"
@@ -541,7 +573,9 @@ class SecAggClient:
             raise SecAggAbort(f"wrong sender: no share from client {v}")
         try:
             plaintext = aead.open_sealed(
-                bytes(key), aead.direction_nonce(v, self.client_id), blob,
+                bytes(key),
+                aead.direction_nonce(v, self.client_id),
+                blob,
                 m.share_associated_data(self.round, self.attempt, v, self.client_id),
             )
         except AuthenticationError:

@@ -1,29 +1,39 @@
 """Encoding an update into Z_{2^b}: clip, weight, stochastic rounding; and decoding a sum.
 
-Client u with update x and sample count m encodes, per coordinate i,
+Client u with update x and sample count m encodes, per coordinate i (float64 arithmetic),
 
-    q_i = floor(w * clip(x_i, -C, C) * 2^(r-1)/C + U_i)   (mod 2^b),   w = min(m, w_max)
+    q_i = round_half_even( clip(x_i, -C, C) * w * 2^(r-1)/C  +  J_i * 2^-32 )   (mod 2^b)
 
-with U_i uniform in [0, 1) from an AES-CTR stream (so rounding is unbiased: E[q_i] equals
-the scaled value), and appends w itself as coordinate d. Every |q_i| <= w * 2^(r-1), so the
-sum over n clients is bounded by n * w_max * 2^(r-1), which ``params.derive_params`` makes
-fit in the signed range of b bits. The server learns sum_u q_u and sum_u w_u only, never a
-single w_u, and decodes the weighted mean sum_u w_u x_u / sum_u w_u with an error of at most
-|survivors| quanta (C / 2^(r-1) each) per coordinate over the total weight.
+with w = min(m, w_max) and J_i the i-th little-endian *signed* 32-bit word of the AES-CTR
+stream under the client's rounding seed, so J_i * 2^-32 is uniform on [-1/2, 1/2): this is
+stochastic rounding, unbiased up to the float64 rounding of the sum (below 2^-22 of a
+quantum, since |value| <= 2^30). Coordinate d holds w itself. As w * 2^(r-1) = L is even,
+|q_i| <= L, so the sum over n clients is bounded by n * w_max * 2^(r-1), which
+``params.derive_params`` makes fit in the signed range of b bits. The server learns
+sum_u q_u and sum_u w_u only, never a single w_u, and decodes the weighted mean
+sum_u w_u x_u / sum_u w_u with an error below |survivors| quanta (C / 2^(r-1) each) per
+coordinate over the total weight.
 
-Rounding uses fixed point with 32 fraction bits: floor(v * 2^32) + U (U a u32 word), then an
-arithmetic shift right by 32. The first floor makes the rounding probability exact to 2^-32.
+Fast path: round_half_even(t) for |t| < 2^51 is read from the low mantissa bits of
+t + 1.5 * 2^52 (the "magic number" conversion), so a chunk costs six float64 passes and no
+integer temporaries; ``encode_reference`` computes the same numbers with ``np.rint``.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 
 from secfl.crypto.prg import ChunkFill, FillFactory, ctr_encryptor
 from secfl.errors import UpdateError
-from secfl.secagg.params import ROUNDING_FRACTION_BITS, SecAggParams
+from secfl.secagg.params import SecAggParams
 
-_FRACTION_SCALE = float(2**ROUNDING_FRACTION_BITS)
+#: Rounding jitter: a signed 32-bit word times 2^-32 is uniform on [-1/2, 1/2).
+_JITTER_SCALE = 2.0**-32
+#: 1.5 * 2^52: adding it to |t| < 2^51 leaves round-half-even(t) in the low mantissa bits.
+_MAGIC = 1.5 * 2.0**52
+_MAGIC_BITS = np.int64(0x4338000000000000)
 
 
 def client_weight(params: SecAggParams, num_samples: int) -> int:
@@ -42,40 +52,56 @@ def encoding_fill(
 
     Coordinate i uses rounding word i of the AES-CTR stream under ``rounding_seed`` (4 bytes
     per coordinate), so the result does not depend on how the vector is cut into ranges.
+    Six float64 passes per cache-resident chunk; no integer temporaries (see module doc).
     """
     x = np.ascontiguousarray(update, dtype=np.float32)
     d = x.size
-    if not np.isfinite(x).all():
-        raise UpdateError("update holds NaN or Inf; refusing to encode it")
     if not 1 <= weight <= params.weight_bound:
         raise UpdateError(f"weight must be in [1, {params.weight_bound}], got {weight}")
-    factor = float(weight) * params.unit * _FRACTION_SCALE
+    scale = float(weight) * params.unit
     clip = float(params.clip_range)
     zeros = bytes(4 * chunk)
+    wide = params.word_dtype == np.uint64
+    low = 0 if sys.byteorder == "little" else 1
 
     def factory(lo: int) -> ChunkFill:
         if (4 * lo) % 16:
             raise UpdateError(f"encoding range start {lo} is not block aligned")
         stream = ctr_encryptor(rounding_seed, (4 * lo) // 16)
-        words = np.empty(chunk, dtype="<u4")
-        words_bytes = memoryview(words).cast("B")
+        words = np.empty(chunk, dtype="<i4")
+        words_bytes = words.data.cast("B")
         real = np.empty(chunk, dtype=np.float64)
-        whole = np.empty(chunk, dtype=np.int64)
+        jitter = np.empty(chunk, dtype=np.float64)
+        clip_, multiply, add, copyto, subtract = (
+            np.clip,
+            np.multiply,
+            np.add,
+            np.copyto,
+            np.subtract,
+        )
 
-        def fill(c0: int, c1: int, out: np.ndarray) -> None:
+        def fill(c0: int, c1: int, out: np.ndarray, /) -> None:
             n = c1 - c0
             stream.update_into(zeros[: 4 * n], words_bytes[: 4 * n])
             m = max(0, min(c1, d) - c0)
             if m:
+                values = x[c0 : c0 + m]
+                # NaN/Inf checked while the chunk is in cache; the error reaches the caller
+                if not np.isfinite(np.add.reduce(values)):
+                    raise UpdateError(
+                        "update holds NaN, Inf or values beyond 1e33; refusing to encode it"
+                    )
                 r = real[:m]
-                np.clip(x[c0 : c0 + m], -clip, clip, out=r)
-                np.multiply(r, factor, out=r)
-                np.floor(r, out=r)
-                w = whole[:m]
-                np.copyto(w, r, casting="unsafe")
-                np.add(w, words[:m], out=w, casting="unsafe")
-                np.right_shift(w, ROUNDING_FRACTION_BITS, out=w)
-                np.copyto(out[:m], w, casting="unsafe")
+                u = jitter[:m]
+                clip_(values, -clip, clip, out=r)
+                multiply(r, scale, out=r)
+                multiply(words[:m], _JITTER_SCALE, out=u)
+                add(r, u, out=r)
+                add(r, _MAGIC, out=r)
+                if wide:
+                    subtract(r.view(np.int64), _MAGIC_BITS, out=out[:m].view(np.int64))
+                else:
+                    copyto(out[:m], r.view(np.uint32)[low::2])
             if c1 == d + 1:
                 out[n - 1] = weight
 
@@ -90,17 +116,16 @@ def encode_reference(
     """Slow, obviously-right encoding (tests compare the fast path against it)."""
     from secfl.crypto.prg import keystream
 
-    x = np.asarray(update, dtype=np.float64)
+    x = np.asarray(update, dtype=np.float32).astype(np.float64)
     d = x.size
-    u = np.frombuffer(keystream(rounding_seed, 4 * (d + 1)), dtype="<u4")[:d]
-    scaled = np.floor(np.clip(x, -params.clip_range, params.clip_range) * weight * params.unit
-                      * _FRACTION_SCALE)
-    q = (scaled.astype(np.int64) + u.astype(np.int64)) >> ROUNDING_FRACTION_BITS
+    words = np.frombuffer(keystream(rounding_seed, 4 * (d + 1)), dtype="<i4")[:d]
+    t = np.clip(x, -params.clip_range, params.clip_range) * (float(weight) * params.unit)
+    t = t + words.astype(np.float64) * _JITTER_SCALE
+    q = np.rint(t).astype(np.int64)  # round half to even, as the magic-number addition
     out = np.empty(d + 1, dtype=params.word_dtype)
     out[:d] = q.astype(params.word_dtype)  # two's complement wrap
     out[d] = weight
-    mask = (1 << params.bits) - 1
-    return (out & params.word_dtype.type(mask)) if params.bits < 8 * out.itemsize else out
+    return out
 
 
 def decode_sum(params: SecAggParams, total: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
@@ -116,7 +141,7 @@ def decode_sum(params: SecAggParams, total: np.ndarray) -> tuple[np.ndarray, int
     if bits == 64:
         signed = values.view(np.int64).astype(np.float64)
     else:
-        signed = values.astype(np.int64) - (values >= half).astype(np.int64) * (1 << bits)
-        signed = signed.astype(np.float64)
+        wrapped = values.astype(np.int64) - (values >= half).astype(np.int64) * (1 << bits)
+        signed = wrapped.astype(np.float64)
     mean = (signed / (params.unit * total_weight)).astype(np.float32)
     return mean, total_weight, signed

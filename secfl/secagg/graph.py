@@ -20,7 +20,9 @@ from secfl.crypto.prg import keystream
 from secfl.errors import ConfigError
 
 
-def graph_seed(round_index: int, attempt: int, advertised: Sequence[tuple[int, bytes, bytes]]) -> bytes:
+def graph_seed(
+    round_index: int, attempt: int, advertised: Sequence[tuple[int, bytes, bytes]]
+) -> bytes:
     """SHA-256 over the round, attempt and every (id, c_pk, s_pk) in ascending id order."""
     h = hashlib.sha256(b"secfl/secagg/v1/graph")
     h.update(struct.pack(">QQI", round_index, attempt, len(advertised)))

@@ -105,10 +105,10 @@ def derive_params(masking: MaskingConfig, *, n: int, min_cohort: int) -> SecAggP
     if masking.threshold is not None:
         t = masking.threshold
         if t < t_min:
+            rule = "floor(2k/3)+1" if masking.variant == "active" else "floor(k/2)+1"
             raise ConfigError(
                 f"aggregation.masking.threshold={t} is below the safe minimum {t_min} = "
-                f"max(min_cohort={min_cohort}, {'floor(2k/3)+1' if masking.variant == 'active' else 'floor(k/2)+1'}={floor}) "
-                f"for k={k}"
+                f"max(min_cohort={min_cohort}, {rule}={floor}) for k={k}"
             )
     else:
         t = t_min
@@ -130,10 +130,7 @@ def derive_params(masking: MaskingConfig, *, n: int, min_cohort: int) -> SecAggP
             "lower aggregation.masking.max_weight or resolution_bits"
         )
     need = required_bits(n, weight_bound, masking.resolution_bits)
-    if masking.bits is None:
-        bits = max(8, need)
-    else:
-        bits = masking.bits
+    bits = max(8, need) if masking.bits is None else masking.bits
     if need > bits or need > 64:
         raise ConfigError(
             f"aggregation.masking.bits={masking.bits if masking.bits is not None else 'auto'}: "

@@ -81,7 +81,10 @@ class MaskingProtection:
                 server.receive(transport.exchange(server.requests()))
         except SecAggAbort as exc:
             ctx.events.emit(
-                "secagg_aborted", round=ctx.round, attempt=ctx.attempt, stage=stage,
+                "secagg_aborted",
+                round=ctx.round,
+                attempt=ctx.attempt,
+                stage=stage,
                 reason=str(exc),
             )
             return None
@@ -110,7 +113,9 @@ def build_protection(
     for app in clients:
         # os mode: the release log is on disk so a restarted client still refuses the other
         # share; seeded mode replays a round bit-identically, so memory suffices.
-        log_path = state_dir / f"client-{app.client_id}-releases.jsonl" if randomness.secure else None
+        log_path = (
+            state_dir / f"client-{app.client_id}-releases.jsonl" if randomness.secure else None
+        )
         machine = SecAggClient(
             app.client_id,
             masking=masking,
@@ -131,8 +136,9 @@ def build_protection(
 
 
 def _trainer(app: ClientApp):  # type: ignore[no-untyped-def]
-    def compute(round_index: int, attempt: int, model_hash: bytes, weights: np.ndarray
-                ) -> tuple[np.ndarray, int]:
+    def compute(
+        round_index: int, attempt: int, model_hash: bytes, weights: np.ndarray
+    ) -> tuple[np.ndarray, int]:
         delta, result = app.train(
             FitIns(round=round_index, attempt=attempt, model_hash=model_hash, weights=weights)
         )

@@ -11,7 +11,7 @@ rest of that round and attempt. Every dropout is recorded as a ``simulated_dropo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from secfl.audit.events import EventLog, register_event
 from secfl.config import SimulationConfig
@@ -50,7 +50,7 @@ class DropoutTransport:
         inner: Transport,
         *,
         rate: float,
-        stages: list[str] | tuple[str, ...],
+        stages: Sequence[str],
         randomness: Randomness,
         events: EventLog,
     ) -> None:
@@ -74,7 +74,9 @@ class DropoutTransport:
         if stage is not None and stage in self.stages and self.rate > 0:
             ids = sorted(c for c in requests if c not in gone)
             stream = self.randomness.stream(
-                f"simulation.dropout.{stage}", round_index=round_index, attempt=attempt,
+                f"simulation.dropout.{stage}",
+                round_index=round_index,
+                attempt=attempt,
                 party="simulation",
             )
             draws = stream.bernoulli(self.rate, len(ids))
@@ -82,8 +84,11 @@ class DropoutTransport:
                 if drop:
                     gone.add(client_id)
                     self.events.emit(
-                        "simulated_dropout", round=round_index, attempt=attempt,
-                        client=client_id, stage=stage,
+                        "simulated_dropout",
+                        round=round_index,
+                        attempt=attempt,
+                        client=client_id,
+                        stage=stage,
                     )
         deliver = {c: p for c, p in requests.items() if c not in gone}
         replies = self.inner.exchange(deliver) if deliver else {}
@@ -110,6 +115,9 @@ def with_simulated_dropouts(
                 f"{protection!r}; allowed: {sorted(allowed)}"
             )
     return DropoutTransport(
-        inner, rate=simulation.dropout_rate, stages=simulation.dropout_stages,
-        randomness=randomness, events=events,
+        inner,
+        rate=simulation.dropout_rate,
+        stages=simulation.dropout_stages,
+        randomness=randomness,
+        events=events,
     )
