@@ -23,6 +23,7 @@ samples are an error, or with ``fix`` are replaced by Opacus' fix with a logged 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +35,18 @@ from torch.func import functional_call, grad, vmap
 
 from secfl.errors import PrivacyError
 from secfl.privacy.events import DpEvent
+from secfl.privacy.layerwise import (
+    CLIP_EPSILON,
+    ClippedSum,
+    LayerwiseClipping,
+    LayerwiseUnsupported,
+    layerwise_unsupported_reason,
+)
+from secfl.privacy.noise import gaussian_noise
 from secfl.randomness import RandomStream
 
-#: Added to the per-sample norm before dividing, as Opacus does.
-CLIP_EPSILON = 1e-6
+_log = logging.getLogger(__name__)
+
 
 
 def validate_model(model: nn.Module, *, fix: bool) -> tuple[nn.Module, list[str]]:
@@ -67,10 +76,27 @@ def validate_model(model: nn.Module, *, fix: bool) -> tuple[nn.Module, list[str]
     return fixed, [f"Opacus ModuleValidator.fix applied: {d}" for d in described]
 
 
-class PerSampleGradients:
-    """Per-sample gradients of the mean cross-entropy by ``vmap(grad(...))`` (torch.func)."""
+ENGINES = ("auto", "layerwise", "torch.func")
 
-    def __init__(self, model: nn.Module) -> None:
+
+class PerSampleGradients:
+    """The per-sample gradient engine of one model.
+
+    ``engine="auto"`` (the default, used in real runs) picks the layerwise book-keeping
+    engine (:mod:`secfl.privacy.layerwise`: per-sample norms and the clipped sum from one
+    forward/backward pass) when every trainable layer has a rule, else the torch.func
+    reference (``vmap(grad(...))``); the choice and its reason are in :attr:`engine_name`
+    and :attr:`fallback_reason` and logged. A layerwise step that meets something it cannot
+    account for (a layer run twice, an output changed in place) switches this model to
+    torch.func for good, with a logged warning, and recomputes the step.
+
+    Calling the object returns per-sample gradients of the per-record cross-entropy by
+    torch.func (the reference the tests compare against).
+    """
+
+    def __init__(self, model: nn.Module, *, engine: str = "auto") -> None:
+        if engine not in ENGINES:
+            raise PrivacyError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.model = model
         self._loss = nn.CrossEntropyLoss()
 
@@ -84,6 +110,26 @@ class PerSampleGradients:
             return self._loss(logits, y.unsqueeze(0))
 
         self._per_sample = vmap(grad(sample_loss), in_dims=(None, None, 0, 0))
+        self._layerwise: LayerwiseClipping | None = None
+        self.fallback_reason: str | None = None
+        if engine == "torch.func":
+            self.fallback_reason = "torch.func engine requested"
+        else:
+            reason = layerwise_unsupported_reason(model)
+            if reason is None:
+                self._layerwise = LayerwiseClipping(model)
+            elif engine == "layerwise":
+                raise PrivacyError(f"the layerwise engine cannot handle this model: {reason}")
+            else:
+                self.fallback_reason = reason
+        if self.fallback_reason is not None and engine == "auto":
+            _log.info("DP-SGD per-sample engine: torch.func (%s)", self.fallback_reason)
+        else:
+            _log.debug("DP-SGD per-sample engine: %s", self.engine_name)
+
+    @property
+    def engine_name(self) -> str:
+        return "layerwise" if self._layerwise is not None else "torch.func"
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         params = {k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad}
@@ -91,15 +137,39 @@ class PerSampleGradients:
         result: dict[str, torch.Tensor] = self._per_sample(params, buffers, x, y)
         return result
 
+    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float) -> ClippedSum:
+        """Sum over the batch of per-sample gradients clipped to ``max_grad_norm``, the
+        per-sample norms, and the summed loss, by the chosen engine."""
+        if self._layerwise is not None:
+            try:
+                return self._layerwise.clipped_sum(x, y, max_grad_norm)
+            except LayerwiseUnsupported as error:
+                self._layerwise = None
+                self.fallback_reason = str(error)
+                _log.warning(
+                    "DP-SGD per-sample engine: falling back to torch.func (%s)", error
+                )
+        per_sample = self(x, y)
+        norms = per_sample_norms(per_sample)
+        summed = clip_and_sum(per_sample, max_grad_norm)
+        with torch.no_grad():
+            loss_sum = float(nn.functional.cross_entropy(self.model(x), y, reduction="sum"))
+        return ClippedSum(grads=summed, norms=norms, loss_sum=loss_sum)
+
+
+def per_sample_norms(per_sample: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all parameters of each sample's gradient."""
+    squared = torch.stack(
+        [g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in per_sample.values()]
+    ).sum(dim=0)
+    return torch.sqrt(squared)
+
 
 def clip_and_sum(
     per_sample: dict[str, torch.Tensor], max_grad_norm: float
 ) -> dict[str, torch.Tensor]:
     """Sum over the batch of per-sample gradients clipped to L2 norm ``max_grad_norm``."""
-    squared = torch.stack(
-        [g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in per_sample.values()]
-    ).sum(dim=0)
-    norms = torch.sqrt(squared)
+    norms = per_sample_norms(per_sample)
     factor = (max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
     return {k: torch.einsum("b,b...->...", factor, g) for k, g in per_sample.items()}
 
@@ -169,15 +239,14 @@ def train_dp_sgd(
     for step in range(settings.steps_per_round):
         batch = torch.from_numpy(poisson_batch(sampling_stream, n, settings.sample_rate))
         if batch.numel() > 0:
-            xb, yb = x[batch], y[batch]
-            summed = clip_and_sum(engine(xb, yb), settings.max_grad_norm)
-            with torch.no_grad():
-                losses.append(float(nn.functional.cross_entropy(model(xb), yb)))
+            result = engine.clipped_sum(x[batch], y[batch], settings.max_grad_norm)
+            summed = result.grads
+            losses.append(result.loss_sum / batch.numel())
         else:
             summed = {
                 k: torch.zeros_like(p) for k, p in model.named_parameters() if p.requires_grad
             }
-        noise = torch.from_numpy(noise_stream.normal(total_size) * noise_std)
+        noise = gaussian_noise(noise_stream, total_size).mul_(noise_std)
         offset = 0
         named = [k for k, p in model.named_parameters() if p.requires_grad]
         for name, p, size in zip(named, params, sizes, strict=True):
