@@ -153,7 +153,8 @@ def check_preset(preset: CkksPreset) -> None:
                 f"preset {preset.name!r}: the special prime ({bits[-1]} bits) must be at "
                 "least as large as every data prime for key switching to stay precise"
             )
-    data_bits = sum(bits[:-1]) if preset.depth == 0 else bits[0]
+    # the modulus a result is decrypted in: the data primes left after ``depth`` rescalings
+    data_bits = sum(bits[: len(bits) - 1 - preset.depth])
     if preset.scale_bits + 8 > data_bits:
         raise CkksParameterError(
             f"preset {preset.name!r}: scale 2^{preset.scale_bits} leaves fewer than 8 bits "
