@@ -45,7 +45,8 @@ def build_neighbours(ids: Sequence[int], k: int, seed: bytes) -> dict[int, tuple
         raise ConfigError("graph members must be distinct")
     n = len(members)
     if k >= n - 1:
-        return {u: tuple(v for v in members if v != u) for u in members}
+        everyone = tuple(members)
+        return {u: everyone[:i] + everyone[i + 1 :] for i, u in enumerate(everyone)}
     if k < 0 or k % 2:
         raise ConfigError(f"neighbours k of a sparse graph must be even and >= 0, got {k}")
     ring = ring_order(members, seed)

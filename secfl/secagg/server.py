@@ -107,6 +107,7 @@ class SecAggServer:
         self._signatures: dict[int, bytes] = {}
         self._unmask: dict[int, m.UnmaskRes] = {}
         self._excluded: set[int] = set()
+        self._holds: dict[int, frozenset[int]] = {}
         # Clients always verify every signature against their pinned registry; the server
         # also does in the active variant, to drop a client with a bad signature before it
         # makes every honest client abort (robustness against malicious clients). In the
@@ -297,6 +298,8 @@ class SecAggServer:
             self.round, self.attempt, [(v, c, s) for v, (c, s, _) in self.advertised.items()]
         )
         self.neighbours = build_neighbours(self.active, self.params.k, seed)
+        # a client holds shares of its neighbours' secrets and of its own
+        self._holds = {v: frozenset((*near, v)) for v, near in self.neighbours.items()}
         self.stage = "share_keys"
 
     def _share_requests(self) -> dict[int, bytes]:
@@ -421,9 +424,6 @@ class SecAggServer:
 
     # ------------------------------------------------------------------ unmasking
 
-    def _holders(self, owner: int) -> set[int]:
-        return {*self.neighbours.get(owner, ()), owner}
-
     def _unmask_sum(self) -> SecAggResult:
         t = self.params.threshold
         e = m.SHARE_ELEMENTS
@@ -436,41 +436,51 @@ class SecAggServer:
             for v in dropped_after_sharing
             if any(v in self._routed.get(u, {}) for u in self.neighbours[v] if u in u3)
         ]
-        b_points: dict[int, list[tuple[int, np.ndarray]]] = {v: [] for v in self.u3}
-        s_points: dict[int, list[tuple[int, np.ndarray]]] = {v: [] for v in need_s}
-        for sender, res in sorted(self._unmask.items()):
+        # owner -> row of a dense (senders, owners, e) table; every reply is scattered into
+        # it with one vectorised assignment per kind, then the first t holders of every
+        # secret are picked with one stable argsort (no per-share Python loop).
+        owners: list[tuple[int, str]] = [(v, "b") for v in self.u3] + [(v, "s") for v in need_s]
+        column = {key: i for i, key in enumerate(owners)}
+        senders = sorted(self._unmask)
+        table = np.zeros((len(senders), len(owners), e), dtype=np.uint64)
+        present = np.zeros((len(senders), len(owners)), dtype=bool)
+        for row, sender in enumerate(senders):
+            res = self._unmask[sender]
             if len(res.b_shares) != e * len(res.b_owners) or len(res.s_shares) != e * len(
                 res.s_owners
             ):
                 self._drop_signer(sender, "wrong length of unmask shares")
                 continue
-            if set(res.b_owners) & set(res.s_owners) or any(
-                sender not in self._holders(o) for o in (*res.b_owners, *res.s_owners)
+            mine = self._holds.get(sender, frozenset())
+            if set(res.b_owners) & set(res.s_owners) or not mine.issuperset(
+                (*res.b_owners, *res.s_owners)
             ):
                 self._drop_signer(sender, "wrong sender: shares it cannot hold")
                 continue
-            for i, owner in enumerate(res.b_owners):
-                if owner in b_points:
-                    b_points[owner].append((sender, res.b_shares[i * e : (i + 1) * e]))
-            for i, owner in enumerate(res.s_owners):
-                if owner in s_points:
-                    s_points[owner].append((sender, res.s_shares[i * e : (i + 1) * e]))
-        owners = [(v, "b", pts) for v, pts in b_points.items()] + [
-            (v, "s", pts) for v, pts in s_points.items()
-        ]
-        short = [(v, kind, len(pts)) for v, kind, pts in owners if len(pts) < t]
-        if short:
-            v, kind, have = short[0]
+            for kind, who, values in (
+                ("b", res.b_owners, res.b_shares),
+                ("s", res.s_owners, res.s_shares),
+            ):
+                cols = [column.get((o, kind), -1) for o in who]
+                keep = [i for i, c in enumerate(cols) if c >= 0]
+                if keep:
+                    idx = np.array([cols[i] for i in keep])
+                    table[row, idx] = values.reshape(-1, e)[keep]
+                    present[row, idx] = True
+        counts = present.sum(axis=0)
+        short = np.flatnonzero(counts < t)
+        if short.size:
+            v, kind = owners[int(short[0])]
             raise SecAggAbort(
-                f"below threshold at unmask: {have} shares of client {v}'s "
+                f"below threshold at unmask: {int(counts[short[0]])} shares of client {v}'s "
                 f"{'self-mask seed' if kind == 'b' else 'mask key'} (t={t}); "
-                f"{len(short)} secrets cannot be recovered; no sum is revealed"
+                f"{short.size} secrets cannot be recovered; no sum is revealed"
             )
         if owners:
-            xs = np.array([[h + 1 for h, _ in pts[:t]] for _, _, pts in owners], dtype=np.uint64)
-            ys = np.stack([np.stack([s for _, s in pts[:t]]) for _, _, pts in owners]).astype(
-                np.uint64
-            )
+            first = np.argsort(~present, axis=0, kind="stable")[:t].T  # (owners, t) rows
+            sender_ids = np.array(senders, dtype=np.uint64)
+            xs = sender_ids[first] + np.uint64(1)
+            ys = table[first, np.arange(len(owners))[:, None]]  # (owners, t, e)
             try:
                 elements = shamir.reconstruct(xs, ys)
                 secrets = shamir.elements_to_secret(elements, SECRET_BYTES)
@@ -482,7 +492,7 @@ class SecAggServer:
         self_seeds: list[bytes] = []
         add_seeds: list[bytes] = []
         sub_seeds: list[bytes] = []
-        for (v, kind, _), secret in zip(owners, secrets):
+        for (v, kind), secret in zip(owners, secrets):
             if kind == "b":
                 self_seeds.append(secret[:seed_bytes].tobytes())
                 continue
