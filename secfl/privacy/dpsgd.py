@@ -48,7 +48,6 @@ from secfl.randomness import RandomStream
 _log = logging.getLogger(__name__)
 
 
-
 def validate_model(model: nn.Module, *, fix: bool) -> tuple[nn.Module, list[str]]:
     """``(model, notices)``: the model if Opacus accepts it; with ``fix``, Opacus'
     ``ModuleValidator.fix`` applied and one notice per problem it fixed. Without ``fix`` an
@@ -146,9 +145,7 @@ class PerSampleGradients:
             except LayerwiseUnsupported as error:
                 self._layerwise = None
                 self.fallback_reason = str(error)
-                _log.warning(
-                    "DP-SGD per-sample engine: falling back to torch.func (%s)", error
-                )
+                _log.warning("DP-SGD per-sample engine: falling back to torch.func (%s)", error)
         per_sample = self(x, y)
         norms = per_sample_norms(per_sample)
         summed = clip_and_sum(per_sample, max_grad_norm)

@@ -92,6 +92,7 @@ class ClippedSum:
 class _Capture:
     module: nn.Module
     names: dict[str, str]  # "weight"/"bias" -> the parameter's full name
+    shapes: dict[str, torch.Size]
     activation: torch.Tensor | None = None
     output: torch.Tensor | None = None
     version: int = 0
@@ -113,9 +114,7 @@ def _patches(module: nn.Conv1d | nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
         pads += [p, p]
     padded = F.pad(a, pads) if any(pads) else a
     spatial = padded.shape[2:]
-    out = [
-        (spatial[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(dims)
-    ]
+    out = [(spatial[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(dims)]
     st = padded.stride()
     view = padded.as_strided(
         (padded.shape[0], padded.shape[1], *kernel, *out),
@@ -174,7 +173,12 @@ class LayerwiseClipping:
                 if p.requires_grad
             }
             if names:
-                self._captures.append(_Capture(module, names))
+                shapes = {
+                    local: p.shape
+                    for local, p in module.named_parameters(recurse=False)
+                    if local in names
+                }
+                self._captures.append(_Capture(module, names, shapes))
 
     def _hook(self, capture: _Capture) -> Callable[..., None]:
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
@@ -225,6 +229,7 @@ class LayerwiseClipping:
         """Per-record squared norm of this layer's parameters and a function of the clip
         factors giving the layer's clipped gradient sum."""
         module, a, names = capture.module, capture.activation, capture.names
+        shapes = capture.shapes
         if a is None:
             raise LayerwiseUnsupported("no activation captured")
         batch = g.shape[0]
@@ -259,11 +264,9 @@ class LayerwiseClipping:
         def clipped(factor: torch.Tensor) -> dict[str, torch.Tensor]:
             out: dict[str, torch.Tensor] = {}
             if weight is not None:
-                shape = getattr(module, "weight").shape
-                out[names["weight"]] = weight.weighted_sum(factor).reshape(shape)
+                out[names["weight"]] = weight.weighted_sum(factor).reshape(shapes["weight"])
             for local, ps in per_sample_small.items():
-                shape = getattr(module, local).shape
-                out[names[local]] = (factor @ ps).reshape(shape)
+                out[names[local]] = (factor @ ps).reshape(shapes[local])
             return out
 
         return norm2, clipped
@@ -273,7 +276,9 @@ class LayerwiseClipping:
         trainable parameter, with ``grad_i`` the gradient of record i's cross-entropy."""
         loss_sum, out_grads = self._forward_backward(x, y)
         with torch.no_grad():
-            terms = [self._layer_terms(c, g) for c, g in zip(self._captures, out_grads, strict=True)]
+            terms = [
+                self._layer_terms(c, g) for c, g in zip(self._captures, out_grads, strict=True)
+            ]
             norms = torch.sqrt(torch.stack([t[0] for t in terms]).sum(0))
             factor = (max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
             grads: dict[str, torch.Tensor] = {}
@@ -309,7 +314,6 @@ class LayerwiseClipping:
                     bias = g.reshape(batch, g.shape[1], -1).sum(2)
                 for local, value in (("weight", weight), ("bias", bias)):
                     if local in names:
-                        shape = getattr(module, local).shape
-                        result[names[local]] = value.reshape(batch, *shape)
+                        result[names[local]] = value.reshape(batch, *c.shapes[local])
                 c.activation = None
         return result

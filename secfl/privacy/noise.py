@@ -35,7 +35,9 @@ from secfl.crypto.drbg import AesCtrDrbg
 from secfl.errors import PrivacyError
 from secfl.randomness import RandomStream
 
-CONSTRUCTION = "secfl-gauss/1: AES-256-CTR(key=32 stream bytes) -> 53-bit uniforms -> Box-Muller (float64)"
+CONSTRUCTION = (
+    "secfl-gauss/1: AES-256-CTR(key=32 stream bytes) -> 53-bit uniforms -> Box-Muller (float64)"
+)
 
 
 def keystream_uniforms(stream: RandomStream, count: int) -> np.ndarray:
