@@ -64,13 +64,15 @@ class Harness:
     def ask(self, payload: bytes) -> object:
         return decode_message(self.decryptor.handle(payload))
 
-    def update(self, client: int, values: np.ndarray, weight: int, round_index: int = 1) -> bytes:
+    def update(
+        self, client: int, values: np.ndarray, weight: int, round_index: int = 1, attempt: int = 0
+    ) -> bytes:
         return encrypt_update(
             self.public,
             self.ids[client],
             values,
             round_index=round_index,
-            attempt=0,
+            attempt=attempt,
             client_id=client,
             epoch=0,
             model_hash=MODEL_HASH,
@@ -79,7 +81,12 @@ class Harness:
         ).to_bytes()
 
     def sum_request(
-        self, updates: list[bytes], weights: list[int], *, digest_weights: list[int] | None = None
+        self,
+        updates: list[bytes],
+        weights: list[int],
+        *,
+        digest_weights: list[int] | None = None,
+        attempt: int = 0,
     ) -> SumRequest:
         columns = [unframe_blobs(EncryptedUpdate.from_bytes(u).ciphertexts, "u") for u in updates]
         digest = b""
@@ -87,7 +94,7 @@ class Harness:
             summed = ckks.weighted_sum(self.public, columns, digest_weights or weights)
             digest = ckks.aggregate_digest(summed)
         return SumRequest(
-            round=1, attempt=0, epoch=0, updates=frame_blobs(updates), aggregate_digest=digest
+            round=1, attempt=attempt, epoch=0, updates=frame_blobs(updates), aggregate_digest=digest
         )
 
 
@@ -230,3 +237,13 @@ def test_wrong_context_and_corrupted_updates_are_refused_with_reasons(tmp_path: 
     assert "SumRequest.updates" in _refusal(
         h.ask(SumRequest(1, 0, 0, b"\x00\x00\x01\x00abc", b"").to_bytes())
     )
+
+
+def test_a_second_sum_of_the_same_round_is_refused_even_in_a_new_attempt(harness: Harness) -> None:
+    values = np.full(40, 0.25)
+    first = [harness.update(i, values, 10) for i in range(4)]
+    assert isinstance(harness.ask(harness.sum_request(first, [10] * 4).to_bytes()), SumRelease)
+    # a restarted attempt over a subset would reveal client 3 by differencing
+    subset = [harness.update(i, values, 10, attempt=1) for i in range(3)]
+    reason = _refusal(harness.ask(harness.sum_request(subset, [10] * 3, attempt=1).to_bytes()))
+    assert "already released (in any attempt)" in reason

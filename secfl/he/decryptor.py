@@ -4,13 +4,13 @@ Policy (DESIGN §3, issue 4). The decryptor never decrypts a ciphertext it is ha
 receives the client-signed updates, verifies every signature, recomputes what it is asked
 for, and releases
 
-(a) the weighted mean of one round attempt's updates, once per attempt, if at least
+(a) the weighted mean of one round attempt's updates, once per round, if at least
     ``min_cohort`` distinct clients contribute, no signed weight exceeds
     ``max_weight_share`` of the total, and the server's aggregate ciphertext equals the
     decryptor's recomputation (a rotated, derived or substituted aggregate is refused);
-(b) at most three trust scalars per client per round attempt, one of each kind
-    (``reference``, ``norm``, ``trusted``); the reference vector and the trusted party are
-    fixed by the first request of the attempt.
+(b) at most three trust scalars per client per round, one of each kind (``reference``,
+    ``norm``, ``trusted``); the reference vector and the trusted party are fixed by the
+    first request of the round.
 
 Every release is noise-flooded (LMSS 2022, see :func:`secfl.crypto.ckks.flooding_plan`) with
 noise from the run's randomness stream ``ckks.flooding``, counted against the key epoch's
@@ -76,7 +76,7 @@ def epoch_of_round(round_index: int, per_epoch: int) -> int:
 
 
 @dataclass
-class _AttemptState:
+class _RoundState:
     sum_released: bool = False
     scalars: dict[int, set[str]] = field(default_factory=dict)
     reference_digest: bytes | None = None
@@ -108,7 +108,7 @@ class Decryptor:
         self._events = events
         self._keys: dict[int, ckks.SecretContext] = {}
         self._queries: dict[int, int] = {}
-        self._attempts: dict[tuple[int, int], _AttemptState] = {}
+        self._rounds: dict[int, _RoundState] = {}
         self._seen_ciphertexts: set[bytes] = set()
 
     @property
@@ -236,11 +236,11 @@ class Decryptor:
 
     def _release_sum(self, request: SumRequest) -> SumRelease:
         policy = self._policy
-        state = self._attempts.setdefault((request.round, request.attempt), _AttemptState())
+        state = self._rounds.setdefault(request.round, _RoundState())
         if state.sum_released:
             raise DecryptorRefusal(
-                f"a weighted sum of round {request.round} attempt {request.attempt} was "
-                "already released; a second (differencing) sum is refused"
+                f"a weighted sum of round {request.round} was already released (in any "
+                "attempt); a second, differencing sum is refused"
             )
         raws = unframe_blobs(request.updates, "SumRequest.updates")
         updates = [self._verified(raw, request.round, request.attempt) for raw in raws]
@@ -331,7 +331,7 @@ class Decryptor:
             raise DecryptorRefusal(
                 f"scalar kind {request.kind!r} is not released; allowed: {SCALAR_KINDS}"
             )
-        state = self._attempts.setdefault((request.round, request.attempt), _AttemptState())
+        state = self._rounds.setdefault(request.round, _RoundState())
         update = self._verified(request.update, request.round, request.attempt)
         released = state.scalars.setdefault(update.client_id, set())
         if len(released) >= len(SCALAR_KINDS):
