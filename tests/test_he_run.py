@@ -67,3 +67,24 @@ def test_unmeetable_precision_is_a_config_error(tmp_path: Path) -> None:
     config = _config(clip_range=0.1)
     with pytest.raises(ConfigError, match="cannot meet its precision"):
         run(config, tmp_path / "bad")
+
+
+def test_bench_ckks_smoke_reports_the_gated_keys(tmp_path: Path) -> None:
+    from secfl.bench import run_benchmark
+
+    report = run_benchmark("ckks", out=tmp_path / "ckks.json", smoke=True)
+    saved = json.loads((tmp_path / "ckks.json").read_text())
+    for key in (
+        "client_encrypt_speedup_vs_naive",
+        "server_ratio_vs_naive",
+        "expansion_vs_float32",
+        "max_aggregate_error_over_C",
+        "flooding_statistical_bits",
+        "flooding_query_budget",
+    ):
+        assert saved[key] == report[key]
+    assert report["expansion_vs_float32"] < 8  # complex packing, 93-bit data modulus
+    assert report["by_preset"]["aggregation"]["naive_expansion_vs_float32"] > 12
+    assert report["max_aggregate_error_over_C"] <= 1e-5
+    assert report["flooding_statistical_bits"] >= 40
+    assert "128-bit" in report["by_preset"]["trust"]["security_argument"]
