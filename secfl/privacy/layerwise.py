@@ -95,7 +95,8 @@ class _Capture:
     shapes: dict[str, torch.Size]
     activation: torch.Tensor | None = None
     output: torch.Tensor | None = None
-    version: int = 0
+    version: int = 0  # the output's version counter when captured
+    input_version: int = 0
     calls: int = 0
 
 
@@ -186,6 +187,7 @@ class LayerwiseClipping:
             if not isinstance(output, torch.Tensor):
                 raise LayerwiseUnsupported(f"{type(module).__name__} returned no tensor")
             capture.activation = inputs[0].detach()
+            capture.input_version = inputs[0]._version
             capture.output = output
             capture.version = output._version
 
@@ -210,9 +212,11 @@ class LayerwiseClipping:
                 raise LayerwiseUnsupported(
                     f"{type(c.module).__name__} ran {c.calls} times in one forward pass"
                 )
-            if c.output._version != c.version:
+            if c.output._version != c.version or (
+                c.activation is not None and c.activation._version != c.input_version
+            ):
                 raise LayerwiseUnsupported(
-                    f"the output of {type(c.module).__name__} was modified in place"
+                    f"the input or output of {type(c.module).__name__} was modified in place"
                 )
             outputs.append(c.output)
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
