@@ -6,9 +6,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from secfl.crypto import ckks
+from secfl.crypto import ckks, ckks_wire
 from secfl.errors import CkksError, CkksParameterError
+from secfl.he.messages import frame_blobs
 
 SEED = bytes(range(64))
 
@@ -101,12 +104,12 @@ def test_packing_fills_complete_ciphertexts_for_any_size(
     assert len(blobs) == -(-size // 4096)
     got = np.concatenate([secret.decrypt(b, 4096) for b in blobs])[:size]
     assert np.abs(got - x).max() < 1e-12
-    # each ciphertext carries N = 4096 reals; 2 x 2 x 4096 words of 60+33 bits, compressed
+    # each ciphertext carries N = 4096 reals in 2 x 3 x 4096 uint32 residues (+ 36-byte header)
     per_param = sum(len(b) for b in blobs) / (len(blobs) * 4096)
-    assert per_param < 8 * 4
+    assert 24 < per_param < 24.01
 
 
-def test_parallel_and_serial_paths_agree(
+def test_parallel_and_serial_encryption_agree_and_sums_are_exact(
     secret: ckks.SecretContext, public: ckks.PublicContext
 ) -> None:
     rng = np.random.default_rng(1)
@@ -120,16 +123,75 @@ def test_parallel_and_serial_paths_agree(
         for i, x in enumerate(xs)
     ]
     assert seeded == serial  # seeded encryption does not depend on scheduling
-    weights = [3, 5, 7]
-    par = ckks.weighted_sum(public, seeded, weights, parallel=True)
-    ser = ckks.weighted_sum(public, seeded, weights, parallel=False)
-    assert par == ser  # deterministic, so the decryptor can recompute and compare digests
-    assert ckks.aggregate_digest(par) != ckks.aggregate_digest(
-        ckks.weighted_sum(public, seeded, [3, 5, 8], parallel=False)
+    weights = [3, 5, 46_000]
+    ours = ckks.weighted_sum(public, seeded, weights)
+    framed = ckks.weighted_sum_framed(public, [frame_blobs(c) for c in seeded], weights)
+    # fast (NumPy residues) vs reference (SEAL through TenSEAL): identical residues
+    assert ours == framed == public.weighted_sum_seal(seeded, weights)
+    assert ckks.aggregate_digest(ours) != ckks.aggregate_digest(
+        ckks.weighted_sum(public, seeded, [3, 5, 46_001])
     )
-    got = np.concatenate([secret.decrypt(ct, 4096) for ct in par])
+    got = np.concatenate([secret.decrypt(ct, 4096) for ct in ours])
     expected = sum(w * x for w, x in zip(weights, xs, strict=True))
-    assert np.abs(got - expected).max() < 1e-10
+    assert np.abs(got - expected).max() < 1e-9
+
+
+def test_wide_prime_sums_equal_seal_exactly() -> None:
+    """The trust preset's 60- and 40-bit primes take the split (two 32-bit halves) path."""
+    trust = ckks.SecretContext(ckks.TRUST, seed=SEED)
+    assert trust.public.format.widths == (8, 5, 5)
+    rng = np.random.default_rng(4)
+    xs = [rng.uniform(-1, 1, 9000) for _ in range(3)]
+    columns = [ckks.encrypt_vector(trust.public, x, parallel=False) for x in xs]
+    weights = [1, 2**20 + 7, 65_535]
+    ours = ckks.weighted_sum(trust.public, columns, weights)
+    assert ours == trust.public.weighted_sum_seal(columns, weights)
+    got = np.concatenate([trust.decrypt(ct, 8192) for ct in ours])[:9000]
+    expected = sum(w * x for w, x in zip(weights, xs, strict=True))
+    assert np.abs(got - expected).max() < 1e-3 * sum(weights)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.lists(st.integers(17, 60), min_size=1, max_size=3),
+    weights=st.lists(st.integers(1, 2**20), min_size=1, max_size=5),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_residue_sum_matches_python_integers(
+    bits: list[int], weights: list[int], seed: int
+) -> None:
+    """Known-exact reference: Python integers, for any prime sizes the format allows."""
+    rng = np.random.default_rng(seed)
+    primes = tuple(int(rng.integers(2 ** (b - 1), 2**b)) | 1 for b in bits)
+    fmt = ckks_wire.CiphertextFormat(16, primes, 20)
+    blobs = [
+        [
+            fmt.encode(
+                np.stack(
+                    [
+                        np.stack([rng.integers(0, q, 16, dtype=np.uint64) for q in primes])
+                        for _ in range(2)
+                    ]
+                )
+            )
+            for _ in range(2)
+        ]
+        for _ in weights
+    ]
+    sums = fmt.weighted_sum([frame_blobs(c) for c in blobs], weights)
+    for k in range(2):
+        got = fmt.decode(sums[k])
+        for p in range(2):
+            for j, q in enumerate(primes):
+                exact = [
+                    sum(
+                        w * int(fmt.decode(c[k])[p, j, t])
+                        for w, c in zip(weights, blobs, strict=True)
+                    )
+                    % q
+                    for t in range(16)
+                ]
+                assert [int(v) for v in got[p, j]] == exact
 
 
 def test_seeded_keys_and_ciphertexts_are_reproducible_and_distinct() -> None:
@@ -165,18 +227,50 @@ def test_corrupted_and_wrong_context_ciphertexts_give_clear_errors(
     public: ckks.PublicContext,
 ) -> None:
     blob = ckks.encrypt_vector(public, np.ones(10), parallel=False)[0]
+    fmt = public.format
+    assert len(blob) == fmt.blob_size == 12 + 8 * 3 + 2 * 3 * 4 * 4096
     corrupted = bytearray(blob)
-    corrupted[40:60] = bytes(20)
-    with pytest.raises(CkksError, match="cannot load ciphertext"):
+    corrupted[12:20] = bytes(8)  # the first prime in the header
+    with pytest.raises(CkksError, match="cannot load ciphertext: header says"):
         public.load_ciphertext(bytes(corrupted))
-    with pytest.raises(CkksError, match="cannot load ciphertext"):
+    with pytest.raises(CkksError, match="cannot load ciphertext.*has exactly 98340"):
         public.load_ciphertext(blob[: len(blob) // 2])
+    too_big = bytearray(blob)
+    too_big[40:44] = (2**32 - 1).to_bytes(4, "little")  # a residue >= its 31-bit prime
+    with pytest.raises(CkksError, match="residue >= its prime"):
+        public.load_ciphertext(bytes(too_big))
+    with pytest.raises(CkksError, match="contributor 1, ciphertext 0: a residue >= its prime"):
+        ckks.weighted_sum(public, [[blob], [bytes(too_big)]], [1, 1])
+    with pytest.raises(CkksError, match="bad magic"):
+        public.load_ciphertext(b"SEAL" + blob[4:])
+    framed = frame_blobs([blob, blob])
+    assert public.count_framed(framed) == 2
+    with pytest.raises(CkksError, match="not a whole"):
+        public.count_framed(framed[:-1])
+    with pytest.raises(CkksError, match="ciphertext 1 has length"):
+        public.count_framed(framed[: 4 + len(blob)] + b"\x01" + framed[5 + len(blob) :])
+    with pytest.raises(CkksError, match="total weight"):
+        ckks.weighted_sum(public, [[blob], [blob]], [2**31, 2**31])
     trust = ckks.SecretContext(ckks.TRUST, seed=SEED)
     other = ckks.encrypt_vector(trust.public, np.ones(10), parallel=False)[0]
     with pytest.raises(CkksError, match="different CKKS"):
         public.load_ciphertext(other)
+    with pytest.raises(CkksError, match="different CKKS parameters"):
+        public.count_framed(frame_blobs([other[: fmt.blob_size]]))
     with pytest.raises(CkksError, match="preset 'trust', expected 'aggregation'"):
         ckks.PublicContext(ckks.AGGREGATION, trust.client_context_bytes())
+
+
+def test_wire_roundtrip_through_seal(
+    secret: ckks.SecretContext, public: ckks.PublicContext
+) -> None:
+    """SFCK -> SEAL (uncompressed, in memory) -> SFCK is the identity."""
+    blob = ckks.encrypt_vector(public, np.linspace(-1, 1, 4096), parallel=False)[0]
+    assert public.to_wire(public.load_ciphertext(blob)) == blob
+    seal_bytes = public.to_seal_bytes(blob)
+    assert seal_bytes[5] == 0  # compression mode none: SEAL reads it without zstd
+    assert public.seal_bytes_to_wire(seal_bytes) == blob
+    assert np.abs(secret.decrypt(blob, 4096) - np.linspace(-1, 1, 4096)).max() < 1e-12
 
 
 def test_trust_preset_encrypted_inner_product_and_rotation() -> None:
@@ -193,5 +287,5 @@ def test_trust_preset_encrypted_inner_product_and_rotation() -> None:
     assert got == pytest.approx(float(x @ ref), abs=1e-3)
     rotated = trust.decrypt(server.rotate(blobs[0], 1), 8192)
     assert np.abs(rotated[:-2] - x[2:8192]).max() < 1e-5  # one complex slot = two reals
-    with pytest.raises(CkksError, match="not one SEAL object"):
+    with pytest.raises(CkksError, match="has exactly"):
         server.load_ciphertext(blobs[0] + b"x")

@@ -28,12 +28,15 @@ keys and ciphertexts are bit-reproducible.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
 import hashlib
 import itertools
 import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -46,6 +49,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as seal
 
+from secfl.crypto.ckks_wire import CiphertextFormat
 from secfl.errors import CkksError, CkksParameterError
 
 #: HomomorphicEncryption.org security standard (Albrecht et al. 2018, Table 1, ternary
@@ -166,12 +170,14 @@ def check_preset(preset: CkksPreset) -> None:
         )
 
 
-#: Add-only aggregation: one 60-bit and one 33-bit data prime (93 bits), special prime of
-#: 16 bits (never used: no key switching), N=4096 -> 109 bits, exactly the 128-bit bound.
+#: Add-only aggregation: three 31-bit data primes (93 bits), special prime of 16 bits (never
+#: used: no key switching), N=4096 -> 109 bits, exactly the 128-bit bound. Primes below 2^32
+#: make every residue one aligned uint32 word on the wire (``ckks_wire``), which the server
+#: sums in place with NumPy, exactly, without SEAL (the same 93 bits as 60+33 would give).
 AGGREGATION = CkksPreset(
     name="aggregation",
     poly_modulus_degree=4096,
-    coeff_modulus_bits=(60, 33, 16),
+    coeff_modulus_bits=(31, 31, 31, 16),
     scale_bits=74,
     depth=0,
     galois_keys=False,
@@ -319,7 +325,63 @@ def _save(obj: Any) -> bytes:
 
 
 _SEAL_MAGIC = 0xA15E
-_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, major, minor, compr_mode, reserved, size
+# SEAL 4 ``SEALHeader``: magic, header_size, version_major, version_minor, compr_mode,
+# reserved, size (of the whole object, header included).
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")
+_COMPR_NONE, _COMPR_ZSTD = 0, 2
+
+
+def _zstd() -> Any:
+    """libzstd's one-shot decompressor: the copy SEAL itself links (exported by TenSEAL's
+    ``_sealapi_cpp`` extension), else the system library."""
+    lib = getattr(_zstd, "lib", None)
+    if lib is None:
+        candidates = [getattr(sys.modules.get("_sealapi_cpp"), "__file__", None)]
+        candidates.append(ctypes.util.find_library("zstd"))
+        for path in candidates:
+            if not path:
+                continue
+            try:
+                loaded = ctypes.CDLL(path)
+                decompress = loaded.ZSTD_decompress
+                content_size = loaded.ZSTD_getFrameContentSize
+            except (OSError, AttributeError):
+                continue
+            decompress.restype = ctypes.c_size_t
+            decompress.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+            ]
+            content_size.restype = ctypes.c_ulonglong
+            content_size.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+            lib = (decompress, content_size)
+            break
+        if lib is None:
+            raise CkksError("no zstd library found to read SEAL's compressed serialisation")
+        _zstd.lib = lib  # type: ignore[attr-defined]
+    return lib
+
+
+def _seal_body(data: bytes, what: str) -> bytes:
+    """The uncompressed members of one SEAL serialisation (the bytes after its header)."""
+    _check_header(data, what)
+    compr_mode = data[5]
+    body = data[_SEAL_HEADER.size :]
+    if compr_mode == _COMPR_NONE:
+        return body
+    if compr_mode != _COMPR_ZSTD:
+        raise CkksError(f"cannot read {what}: SEAL compression mode {compr_mode} (expected zstd)")
+    decompress, content_size = _zstd()
+    size = int(content_size(body, len(body)))
+    if size >= 2**63:  # ZSTD_CONTENTSIZE_UNKNOWN / _ERROR
+        raise CkksError(f"cannot read {what}: zstd frame without a content size")
+    out = ctypes.create_string_buffer(size)
+    got = int(decompress(out, size, body, len(body)))
+    if got != size:
+        raise CkksError(f"cannot read {what}: zstd decompression failed ({got} of {size} bytes)")
+    return out.raw
 
 
 def _check_header(data: bytes, what: str) -> None:
@@ -409,10 +471,10 @@ def _tenseal_loader(preset: CkksPreset) -> Any:
 
 
 def aggregate_digest(blobs: Sequence[bytes]) -> bytes:
-    """Digest of a list of serialised ciphertexts: SHA-256 over their SHA-256s in order.
-    SEAL's serialisation is deterministic, so equal ciphertexts give equal digests."""
+    """Digest of a list of SFCK v1 ciphertexts: SHA-256 over their SHA-256s in order. The
+    encoding is canonical (reduced residues, fixed layout), so equal sums give equal digests."""
     inner = b"".join(hashlib.sha256(b).digest() for b in blobs)
-    return hashlib.sha256(b"secfl/ckks/aggregate/v1" + inner).digest()
+    return hashlib.sha256(b"secfl/ckks/aggregate/v2" + inner).digest()
 
 
 def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
@@ -531,9 +593,13 @@ class PublicContext:
         self.evaluator = seal.Evaluator(self.context)
         self._encryptor = seal.Encryptor(self.context, self.public_key)
         self.scale = 2.0**preset.scale_bits
-        self.data_modulus = math.prod(
-            m.value() for m in self.context.first_context_data().parms().coeff_modulus()
+        primes = tuple(
+            int(m.value()) for m in self.context.first_context_data().parms().coeff_modulus()
         )
+        self.data_modulus = math.prod(primes)
+        #: The wire format of this context's fresh ciphertexts (``secfl.crypto.ckks_wire``).
+        self.format = CiphertextFormat(preset.poly_modulus_degree, primes, preset.scale_bits)
+        self._seal_layout: tuple[bytes, bytes] | None = None
 
     @property
     def has_evaluation_keys(self) -> bool:
@@ -574,14 +640,76 @@ class PublicContext:
         else:
             once = _seal_context(_parameters(self.preset, seed), self.preset, chain=False)
             seal.Encryptor(once, self.public_key).encrypt(plain, ct)
-        return _save(ct)
+        return self.to_wire(ct)
+
+    # -- SFCK v1 <-> SEAL ---------------------------------------------------------------
+
+    def _layout(self) -> tuple[bytes, bytes]:
+        """SEAL's serialisation of a fresh ciphertext of this context, split around its
+        residues: (outer SEAL header with size and compression to fill in, the members before
+        the coefficient data). Taken from SEAL itself once per context (one encryption of
+        zero), so the bytes follow whatever SEAL 4.x version TenSEAL links."""
+        if self._seal_layout is None:
+            plain = seal.Plaintext()
+            self.encoder.encode([0j], self.scale, plain)
+            ct = seal.Ciphertext()
+            self._encryptor.encrypt(plain, ct)
+            saved = _save(ct)
+            body = _seal_body(saved, "ciphertext")
+            data_bytes = (
+                8 * self.format.polys * len(self.format.primes) * self.format.poly_modulus_degree
+            )
+            prefix = body[: len(body) - data_bytes]
+            # the coefficient data is SEAL's DynArray: its own header, a u64 count, the words
+            (count,) = struct.unpack_from("<Q", prefix, len(prefix) - 8)
+            if count * 8 != data_bytes or len(prefix) < 8 + _SEAL_HEADER.size:
+                raise CkksError(
+                    "SEAL's ciphertext serialisation has an unexpected layout "
+                    f"({count} coefficient words, expected {data_bytes // 8})"
+                )
+            self._seal_layout = (saved[:5], prefix)
+        return self._seal_layout
+
+    def to_wire(self, ct: Any) -> bytes:
+        """A fresh SEAL ciphertext of this context as an SFCK v1 blob (its RNS residues)."""
+        return self.seal_bytes_to_wire(_save(ct))
+
+    def seal_bytes_to_wire(self, data: bytes) -> bytes:
+        """SEAL's serialisation of a top-level two-component ciphertext as an SFCK v1 blob."""
+        prefix = self._layout()[1]
+        body = _seal_body(data, "ciphertext")
+        if body[: len(prefix)] != prefix or len(body) != len(prefix) + 8 * (
+            self.format.segments * self.format.poly_modulus_degree
+        ):
+            raise CkksError(
+                "ciphertext is not a fresh two-component ciphertext at this context's top "
+                "level and scale; only those have an SFCK encoding"
+            )
+        residues = np.frombuffer(body, dtype="<u8", offset=len(prefix)).reshape(
+            self.format.polys, len(self.format.primes), self.format.poly_modulus_degree
+        )
+        return self.format.encode(residues)
+
+    def to_seal_bytes(self, data: bytes) -> bytes:
+        """An SFCK v1 blob as SEAL's (uncompressed) ciphertext serialisation, checked."""
+        residues = self.format.decode(data)
+        start, prefix = self._layout()
+        size = _SEAL_HEADER.size + len(prefix) + residues.nbytes
+        header = start + bytes([_COMPR_NONE, 0, 0]) + struct.pack("<Q", size)
+        return header + prefix + residues.astype("<u8", copy=False).tobytes()
+
+    def count_framed(self, framed: bytes, what: str = "ciphertexts") -> int:
+        """How many SFCK v1 ciphertexts a framed list holds (lengths and headers checked)."""
+        return self.format.count_framed(framed, what)
 
     def _load_vector(self, data: bytes) -> tuple[Any, Any]:
-        """Deserialise one fresh ciphertext in memory as a TenSEAL vector, checked: a
-        two-component ciphertext at this context's top level and scale."""
-        _check_header(data, "ciphertext")
+        """Deserialise one fresh ciphertext (SFCK v1) in memory as a TenSEAL vector, checked:
+        a two-component ciphertext at this context's top level and scale."""
+        seal_bytes = self.to_seal_bytes(data)
         try:
-            vector = ts.ckks_vector_from(_tenseal_loader(self.preset), _as_tenseal_vector(data))
+            vector = ts.ckks_vector_from(
+                _tenseal_loader(self.preset), _as_tenseal_vector(seal_bytes)
+            )
             inner = vector.data.ciphertext()
         except (ValueError, RuntimeError, TypeError) as exc:
             raise CkksError(
@@ -610,31 +738,43 @@ class PublicContext:
     def weighted_sum(
         self, columns: Sequence[Sequence[bytes]], weights: Sequence[int]
     ) -> list[bytes]:
-        """``sum_i weights[i] * ct[i][k]`` for every ciphertext index k, serialised.
-
-        ``columns[i]`` are client i's ciphertexts in order. Each is deserialised once, in
-        memory; integer weights are encoded at scale 1, so the product is exact and consumes
-        no level; the accumulator is updated in place (no copies).
-        """
-        if len(columns) != len(weights) or not columns:
-            raise CkksError("weighted_sum needs one weight per contributor and >= 1 contributor")
-        for w in weights:
-            if not (isinstance(w, int) and w >= 1):
-                raise CkksError(f"weights must be positive integers, got {w!r}")
+        """``sum_i weights[i] * ct[i][k]`` for every ciphertext index k (SFCK v1 blobs);
+        ``columns[i]`` are client i's ciphertexts in order. See :meth:`weighted_sum_framed`."""
+        if not columns:
+            raise CkksError("weighted_sum needs at least one contributor")
         count = len(columns[0])
+        for i, column in enumerate(columns):
+            if len(column) != count:
+                raise CkksError(f"contributor {i} sent {len(column)} ciphertexts, expected {count}")
+        framed = [b"".join(struct.pack(">I", len(b)) + b for b in column) for column in columns]
+        return self.weighted_sum_framed(framed, weights)
+
+    def weighted_sum_seal(
+        self, columns: Sequence[Sequence[bytes]], weights: Sequence[int]
+    ) -> list[bytes]:
+        """Reference for tests: the same sum computed by SEAL through TenSEAL (each
+        ciphertext loaded, ``mul_`` by its integer weight at scale 1, ``add_`` in place),
+        returned as SFCK v1 blobs. :meth:`weighted_sum` must equal it byte for byte."""
         out: list[bytes] = []
         try:
-            for k in range(count):
+            for k in range(len(columns[0])):
                 acc = self._load_vector(columns[0][k])[0]
                 acc.mul_(int(weights[0]))
                 for i in range(1, len(columns)):
                     term = self._load_vector(columns[i][k])[0]
                     term.mul_(int(weights[i]))
                     acc.add_(term)
-                out.append(_proto_field(acc.serialize(), 2))
+                out.append(self.seal_bytes_to_wire(_proto_field(acc.serialize(), 2)))
         except (ValueError, RuntimeError, TypeError) as exc:
             raise CkksError(f"cannot sum ciphertexts: {exc}") from None
         return out
+
+    def weighted_sum_framed(self, framed: Sequence[bytes], weights: Sequence[int]) -> list[bytes]:
+        """The server's (and the decryptor's) aggregation, without SEAL: exact modular sums
+        of the RNS residues (``CiphertextFormat.weighted_sum``), straight from each client's
+        framed, signed ``ciphertexts`` bytes. Equals SEAL's ``multiply_plain`` by the integer
+        weight at scale 1 followed by ``add``, residue for residue."""
+        return self.format.weighted_sum(framed, list(weights))
 
     # -- trust-preset evaluation (server side) -------------------------------------------
 
@@ -644,7 +784,7 @@ class PublicContext:
             raise CkksError(f"preset {self.preset.name!r} context has no Galois keys")
         ct = self.load_ciphertext(data)
         self.evaluator.rotate_vector_inplace(ct, steps, self.galois_keys)
-        return _save(ct)
+        return self.to_wire(ct)  # same level and scale: still an SFCK v1 ciphertext
 
     def inner_product_plain(self, data: Sequence[bytes], reference: np.ndarray) -> bytes:
         """Encrypted <x, reference> in slot 0's real part (one product, then rotations)."""
@@ -809,20 +949,6 @@ def _encrypt_task(
     ]
 
 
-#: The inputs of the running parallel weighted sum. Set just before the workers are forked,
-#: so they inherit the ciphertext bytes copy-on-write instead of receiving them by pipe
-#: (pickling hundreds of MB cost more than the summation itself).
-_FORK_INPUT: tuple[str, bytes, bytes, Sequence[Sequence[bytes]], list[int]] | None = None
-
-
-def _sum_forked(first: int, last: int) -> list[bytes]:
-    if _FORK_INPUT is None:
-        raise CkksError("parallel weighted sum started without its inputs")
-    preset_name, data, digest, columns, weights = _FORK_INPUT
-    ctx = _worker_context(preset_name, data, digest)
-    return ctx.weighted_sum([column[first:last] for column in columns], weights)
-
-
 def _split(count: int, parts: int) -> list[tuple[int, int]]:
     bounds = np.linspace(0, count, parts + 1).astype(int)
     return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
@@ -878,36 +1004,18 @@ def encrypt_vector(
 
 
 def weighted_sum(
-    public: PublicContext,
-    ciphertexts: Sequence[Sequence[bytes]],
-    weights: Sequence[int],
-    *,
-    parallel: bool | None = None,
+    public: PublicContext, ciphertexts: Sequence[Sequence[bytes]], weights: Sequence[int]
 ) -> list[bytes]:
-    """The server's aggregation: per-index weighted sum of every contributor's ciphertexts,
-    split over both cores by ciphertext index. Each forked worker inherits the inputs
-    (no pickling), deserialises and accumulates its share in place, and returns its sums
-    serialised."""
-    if not ciphertexts:
-        raise CkksError("weighted_sum needs at least one contributor")
-    count = len(ciphertexts[0])
-    for i, column in enumerate(ciphertexts):
-        if len(column) != count:
-            raise CkksError(f"contributor {i} sent {len(column)} ciphertexts, expected {count}")
-    use_pool = parallel if parallel is not None else count >= _PARALLEL_MIN_CIPHERTEXTS
-    if not use_pool:
-        return public.weighted_sum(ciphertexts, list(weights))
-    global _FORK_INPUT
-    _FORK_INPUT = (public.preset.name, public.data, public.digest, ciphertexts, list(weights))
-    try:
-        with ProcessPoolExecutor(max_workers=_WORKERS, mp_context=get_context("fork")) as pool:
-            futures = [pool.submit(_sum_forked, a, b) for a, b in _split(count, _WORKERS)]
-            out: list[bytes] = []
-            for future in futures:
-                out += future.result()
-    finally:
-        _FORK_INPUT = None
-    return out
+    """Per-index weighted sum of every contributor's ciphertexts (lists of SFCK v1 blobs)."""
+    return public.weighted_sum(ciphertexts, weights)
+
+
+def weighted_sum_framed(
+    public: PublicContext, framed: Sequence[bytes], weights: Sequence[int]
+) -> list[bytes]:
+    """The server's aggregation: each contributor's framed ``ciphertexts`` field as signed,
+    parsed in place (no copies, no SEAL), summed exactly on the RNS residues."""
+    return public.weighted_sum_framed(framed, weights)
 
 
 # ---------------------------------------------------------------------------- baselines

@@ -280,15 +280,16 @@ class Decryptor:
                 f"total weight {total} exceeds {limit}, the most the preset's modulus holds "
                 f"at clip_range {policy.clip_range}"
             )
-        columns = [unframe_blobs(u.ciphertexts, "EncryptedUpdate.ciphertexts") for u in updates]
         expected = key.public.ciphertext_count(first.model_size)
-        for u, column in zip(updates, columns, strict=True):
-            if len(column) != expected:
+        for u in updates:
+            count = key.public.count_framed(u.ciphertexts, f"update of client {u.client_id}")
+            if count != expected:
                 raise DecryptorRefusal(
-                    f"client {u.client_id} sent {len(column)} ciphertexts, a model of "
+                    f"client {u.client_id} sent {count} ciphertexts, a model of "
                     f"{first.model_size} parameters needs {expected}"
                 )
-        recomputed = key.public.weighted_sum(columns, weights)
+        # the same exact residue arithmetic as the server, on the signed bytes themselves
+        recomputed = key.public.weighted_sum_framed([u.ciphertexts for u in updates], weights)
         digest = ckks.aggregate_digest(recomputed)
         if digest != request.aggregate_digest:
             raise DecryptorRefusal(

@@ -1,7 +1,8 @@
 """Messages of the CKKS protocol (type ids 200-299), and the signed part of an update.
 
-Ciphertext lists travel as one ``bytes`` field: each ciphertext (SEAL's zstd-compressed
-serialisation) prefixed by its u32 big-endian length.
+Ciphertext lists travel as one ``bytes`` field: each ciphertext (an SFCK v1 blob of RNS
+residues, ``secfl.crypto.ckks_wire``; version 2 of the messages that carry them) prefixed
+by its u32 big-endian length.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from secfl.errors import MessageError
 from secfl.wire import WireMessage
 
 #: Domain-separation label of a client's update signature.
-UPDATE_SIGNATURE_CONTEXT = b"secfl/ckks/update/v1"
+UPDATE_SIGNATURE_CONTEXT = b"secfl/ckks/update/v2"
 
 
 def frame_blobs(blobs: Sequence[bytes]) -> bytes:
@@ -70,7 +71,7 @@ class EncryptedUpdate(WireMessage):
     """Client -> server (forwarded to the decryptor): the encrypted, signed update."""
 
     TYPE_ID: ClassVar[int] = 201
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("round", "u32"),
         ("attempt", "u32"),
@@ -169,7 +170,7 @@ class SumRequest(WireMessage):
     """
 
     TYPE_ID: ClassVar[int] = 204
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("round", "u32"),
         ("attempt", "u32"),

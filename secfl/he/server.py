@@ -1,5 +1,6 @@
 """The server side of mode ``ckks``: collect signed ciphertexts, sum them with plaintext
-integer weights in place (over both cores), and ask the decryptor for the release.
+integer weights (exact residue arithmetic on the signed bytes, no SEAL), and ask the
+decryptor for the release.
 
 The server holds only public contexts; it reaches the decryptor through a byte channel.
 """
@@ -23,7 +24,6 @@ from secfl.he.messages import (
     SumRelease,
     SumRequest,
     frame_blobs,
-    unframe_blobs,
 )
 from secfl.messages import ClientFailure
 from secfl.server.protection import AggregateResult, RoundContext
@@ -75,8 +75,14 @@ class CkksProtection:
         return reply.context
 
     def _check(
-        self, raw: bytes | None, client_id: int, ctx: RoundContext, epoch: int, digest: bytes
-    ) -> tuple[EncryptedUpdate, list[bytes]] | str:
+        self,
+        raw: bytes | None,
+        client_id: int,
+        ctx: RoundContext,
+        epoch: int,
+        digest: bytes,
+        public: ckks.PublicContext,
+    ) -> EncryptedUpdate | str:
         if raw is None:
             return "no reply at stage encrypted_input"
         try:
@@ -106,15 +112,16 @@ class CkksProtection:
             verify_signature(
                 public_key, message.signature, UPDATE_SIGNATURE_CONTEXT, message.signed_payload()
             )
-            blobs = unframe_blobs(message.ciphertexts, "EncryptedUpdate.ciphertexts")
+            # lengths and headers only; residues are range-checked while they are summed
+            count = public.count_framed(message.ciphertexts, "EncryptedUpdate.ciphertexts")
         except SignatureError:
             return "update signature did not verify"
-        except MessageError as exc:
+        except CkksError as exc:
             return str(exc)
         expected = -(-ctx.model_size // self._preset.params_per_ciphertext)
-        if len(blobs) != max(1, expected):
-            return f"{len(blobs)} ciphertexts for a model of {ctx.model_size} parameters"
-        return message, blobs
+        if count != max(1, expected):
+            return f"{count} ciphertexts for a model of {ctx.model_size} parameters"
+        return message
 
     def aggregate(
         self, transport: Transport, participants: list[int], ctx: RoundContext
@@ -134,11 +141,11 @@ class CkksProtection:
         ).to_bytes()
         replies = transport.exchange(dict.fromkeys(participants, ins))
         digest = hashlib.sha256(client_context).digest()
-        accepted: dict[int, tuple[bytes, EncryptedUpdate, list[bytes]]] = {}
+        accepted: dict[int, tuple[bytes, EncryptedUpdate]] = {}
         dropped: dict[int, str] = {}
         for client_id in participants:
             raw = replies.get(client_id)
-            checked = self._check(raw, client_id, ctx, epoch, digest)
+            checked = self._check(raw, client_id, ctx, epoch, digest, public)
             if isinstance(checked, str):
                 dropped[client_id] = checked
                 ctx.events.emit(
@@ -150,13 +157,15 @@ class CkksProtection:
                     reason=checked,
                 )
             elif raw is not None:
-                accepted[client_id] = (raw, checked[0], checked[1])
+                accepted[client_id] = (raw, checked)
         if len(accepted) < self._min_cohort:
             return None
         ids = sorted(accepted)
         weights = [int(accepted[i][1].num_samples) for i in ids]
         try:
-            summed = ckks.weighted_sum(public, [accepted[i][2] for i in ids], weights)
+            summed = ckks.weighted_sum_framed(
+                public, [accepted[i][1].ciphertexts for i in ids], weights
+            )
         except CkksError as exc:
             ctx.events.emit("warning", message=f"ckks aggregation failed: {exc}")
             return None
