@@ -158,7 +158,7 @@ def test_auto_engine_picks_layerwise_for_the_zoo_and_falls_back_otherwise(
     grouped = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
     assert "groups=2" in str(layerwise_unsupported_reason(grouped))
     with pytest.raises(PrivacyError, match="engine must be one of"):
-        PerSampleGradients(zoo, engine="opacus")
+        PerSampleGradients(zoo, engine="opacus")  # type: ignore[arg-type]
 
 
 class _Reused(nn.Module):

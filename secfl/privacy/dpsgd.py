@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -75,7 +76,8 @@ def validate_model(model: nn.Module, *, fix: bool) -> tuple[nn.Module, list[str]
     return fixed, [f"Opacus ModuleValidator.fix applied: {d}" for d in described]
 
 
-ENGINES = ("auto", "layerwise", "torch.func")
+EngineName = Literal["auto", "layerwise", "torch.func"]
+ENGINES: tuple[str, ...] = ("auto", "layerwise", "torch.func")
 
 
 class PerSampleGradients:
@@ -93,7 +95,7 @@ class PerSampleGradients:
     torch.func (the reference the tests compare against).
     """
 
-    def __init__(self, model: nn.Module, *, engine: str = "auto") -> None:
+    def __init__(self, model: nn.Module, *, engine: EngineName = "auto") -> None:
         if engine not in ENGINES:
             raise PrivacyError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.model = model
