@@ -14,6 +14,7 @@ from secfl.crypto.sign import SigningKey
 from secfl.he.client import encrypt_update
 from secfl.he.decryptor import Decryptor, DecryptorPolicy
 from secfl.he.messages import (
+    UPDATE_SIGNATURE_CONTEXT,
     ContextReply,
     ContextRequest,
     DecryptRequest,
@@ -24,6 +25,7 @@ from secfl.he.messages import (
     SumRelease,
     SumRequest,
     frame_blobs,
+    signed_update_payload,
     unframe_blobs,
 )
 from secfl.randomness import Randomness
@@ -247,3 +249,32 @@ def test_a_second_sum_of_the_same_round_is_refused_even_in_a_new_attempt(harness
     subset = [harness.update(i, values, 10, attempt=1) for i in range(3)]
     reason = _refusal(harness.ask(harness.sum_request(subset, [10] * 3, attempt=1).to_bytes()))
     assert "already released (in any attempt)" in reason
+
+
+def test_refuses_signed_but_malformed_ciphertexts(harness: Harness) -> None:
+    """A client that signs a residue >= its prime, or a ciphertext of other parameters, gets
+    a refusal that says so; the signature covers exactly the bytes that are summed."""
+    ups = [harness.update(i, np.full(30, 0.2), 10) for i in range(3)]
+    honest = EncryptedUpdate.from_bytes(ups[2])
+    blob = bytearray(unframe_blobs(honest.ciphertexts, "u")[0])
+    blob[-4:] = (2**32 - 1).to_bytes(4, "little")
+    trust = ckks.SecretContext(ckks.TRUST, seed=bytes(64))
+    foreign = ckks.encrypt_vector(trust.public, np.ones(30), parallel=False)[0]
+    for bad, reason in ((bytes(blob), "residue >= its prime"), (foreign, "header says")):
+        ciphertexts = frame_blobs([bad])
+        fields = {**honest.__dict__, "ciphertexts": ciphertexts}
+        payload = signed_update_payload(
+            round_index=honest.round,
+            attempt=honest.attempt,
+            client_id=honest.client_id,
+            epoch=honest.epoch,
+            model_hash=honest.model_hash,
+            context_digest=honest.context_digest,
+            num_samples=honest.num_samples,
+            model_size=honest.model_size,
+            ciphertexts=ciphertexts,
+        )
+        fields["signature"] = harness.ids[2].sign(UPDATE_SIGNATURE_CONTEXT, payload)
+        forged = EncryptedUpdate(**fields).to_bytes()
+        request = SumRequest(1, 0, 0, frame_blobs([*ups[:2], forged]), b"")
+        assert reason in _refusal(harness.ask(request.to_bytes()))

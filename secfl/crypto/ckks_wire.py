@@ -114,10 +114,12 @@ class CiphertextFormat:
         expected = (self.polys, len(self.primes), self.poly_modulus_degree)
         if residues.shape != expected:
             raise CkksError(f"residues of shape {residues.shape}, expected {expected}")
-        blob = np.empty((1, self.blob_size), dtype=np.uint8)
-        blob[0, : len(self.header)] = np.frombuffer(self.header, dtype=np.uint8)
         flat = residues.reshape(1, self.segments, self.poly_modulus_degree)
         self._check_range(flat.astype(np.uint64, copy=False), "residues to encode")
+        if all(w == 4 for w in self.widths):  # the common case: one cast, no scatter
+            return self.header + flat.astype("<u4").tobytes()
+        blob = np.empty((1, self.blob_size), dtype=np.uint8)
+        blob[0, : len(self.header)] = np.frombuffer(self.header, dtype=np.uint8)
         self._write(blob, flat)
         return blob[0].tobytes()
 
@@ -161,6 +163,12 @@ class CiphertextFormat:
     def count_framed(self, framed: bytes, what: str = "ciphertexts") -> int:
         """Number of blobs in a framed list, after checking every length prefix and header."""
         stride = _LENGTH_PREFIX + self.blob_size
+        head = framed[_LENGTH_PREFIX : _LENGTH_PREFIX + len(self.header)]
+        if len(framed) > _LENGTH_PREFIX and head != self.header:
+            raise CkksError(
+                f"{what}: cannot load ciphertext 0: {self._header_problem(head)} "
+                "(corrupted bytes, or made under different CKKS parameters)"
+            )
         if len(framed) == 0 or len(framed) % stride:
             raise CkksError(
                 f"{what}: {len(framed)} bytes is not a whole, non-zero number of framed "
@@ -230,11 +238,14 @@ class CiphertextFormat:
 
     def _check_range(self, residues: np.ndarray, what: str, first: int = 0) -> None:
         """``residues`` (count, segments, N): every residue below its prime."""
-        for s in range(self.segments):
-            q = self.primes[s % len(self.primes)]
-            top = residues[:, s].max(axis=1)
-            bad = np.flatnonzero(top >= q)
-            if bad.size:
+        primes = np.array(self.primes * self.polys, dtype=np.uint64)
+        tops = residues.max(axis=2)  # (count, segments)
+        if not (tops < primes).all():
+            for s in range(self.segments):
+                q = self.primes[s % len(self.primes)]
+                bad = np.flatnonzero(tops[:, s] >= q)
+                if not bad.size:
+                    continue
                 raise CkksError(
                     f"cannot load {what}: ciphertext {first + int(bad[0])} has a residue "
                     f">= its prime {q} (polynomial {s // len(self.primes)}); residues must "
