@@ -15,9 +15,12 @@ Packing: the flattened float vector fills complete ciphertexts, two reals per co
 (``x[2j] + i*x[2j+1]``), so one ciphertext carries ``N`` parameters; the last ciphertext is
 zero-padded. Any model size works; there are no per-layer ciphertexts.
 
-Weights: the server multiplies each client's ciphertext by its *integer* weight (its signed
-sample count) encoded at scale 1, which is exact (no rescaling, no level consumed) and keeps
-the aggregate at scale ``2**scale_bits``.
+Wire format and weights: ciphertexts travel as SFCK v1 (:mod:`secfl.crypto.ckks_wire`), their
+raw RNS residues. The server's weighted sum with *integer* weights (signed sample counts) is
+exact modular arithmetic on those residues in NumPy, without SEAL; it equals SEAL's
+``multiply_plain`` at scale 1 plus ``add`` residue for residue (no level consumed, the
+aggregate stays at scale ``2**scale_bits``). SEAL ciphertexts are rebuilt from residues (SEAL's
+uncompressed serialisation, in memory) only to decrypt or evaluate.
 
 Randomness: SEAL draws key-generation and encryption randomness from its own PRNG factory.
 By default (``seed=None``) it is SEAL's Blake2xb seeded from the OS (``std::random_device``);
