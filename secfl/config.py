@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -229,7 +229,7 @@ class AggregationConfig(StrictModel):
 
 
 #: Protocol stages at which simulated dropouts can happen (``fit`` is mode ``none``).
-DROPOUT_STAGES = (
+DropoutStage = Literal[
     "fit",
     "advertise_keys",
     "share_keys",
@@ -237,7 +237,8 @@ DROPOUT_STAGES = (
     "consistency_check",
     "unmask",
     "encrypted_input",
-)
+]
+DROPOUT_STAGES: tuple[str, ...] = get_args(DropoutStage)
 
 
 class SimulationConfig(StrictModel):
@@ -249,17 +250,7 @@ class SimulationConfig(StrictModel):
     """
 
     dropout_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    dropout_stages: list[
-        Literal[
-            "fit",
-            "advertise_keys",
-            "share_keys",
-            "masked_input",
-            "consistency_check",
-            "unmask",
-            "encrypted_input",
-        ]
-    ] = Field(default_factory=list)
+    dropout_stages: list[DropoutStage] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _stages_for_rate(self) -> SimulationConfig:

@@ -200,6 +200,20 @@ class DpSgdSettings:
         """Opacus' convention: an epoch is 1/q steps (rounded), at least one."""
         return self.epochs * max(1, round(1.0 / self.sample_rate))
 
+    def round_event(self, *, round_index: int, party: str, attempt: int) -> DpEvent:
+        """The DP event of one round of local DP-SGD under these settings."""
+        return DpEvent(
+            mechanism="subsampled_gaussian",
+            noise_multiplier=self.noise_multiplier,
+            sampling_rate=self.sample_rate,
+            steps=self.steps_per_round,
+            sensitivity=self.max_grad_norm,
+            level="sample",
+            round=round_index,
+            party=party,
+            attempt=attempt,
+        )
+
 
 @dataclass(frozen=True)
 class DpSgdResult:
@@ -256,16 +270,6 @@ def train_dp_sgd(
         optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step(step)
-    event = DpEvent(
-        mechanism="subsampled_gaussian",
-        noise_multiplier=settings.noise_multiplier,
-        sampling_rate=settings.sample_rate,
-        steps=settings.steps_per_round,
-        sensitivity=settings.max_grad_norm,
-        level="sample",
-        round=round_index,
-        party=party,
-        attempt=attempt,
-    )
+    event = settings.round_event(round_index=round_index, party=party, attempt=attempt)
     mean_loss = float(np.mean(losses)) if losses else math.nan
     return DpSgdResult(mean_loss=mean_loss, steps=settings.steps_per_round, event=event)

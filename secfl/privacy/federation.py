@@ -94,18 +94,7 @@ class ClientPrivacy:
         return f"client:{self.client_id}"
 
     def planned_event(self, round_index: int, attempt: int = 0) -> DpEvent:
-        s = self.settings
-        return DpEvent(
-            mechanism="subsampled_gaussian",
-            noise_multiplier=s.noise_multiplier,
-            sampling_rate=s.sample_rate,
-            steps=s.steps_per_round,
-            sensitivity=s.max_grad_norm,
-            level="sample",
-            round=round_index,
-            party=self.party,
-            attempt=attempt,
-        )
+        return self.settings.round_event(round_index=round_index, party=self.party, attempt=attempt)
 
     def exhausted(self, round_index: int) -> bool:
         return self.ledger.would_exceed([self.planned_event(round_index)])
