@@ -26,7 +26,7 @@ from secfl.he.messages import (
     frame_blobs,
 )
 from secfl.messages import ClientFailure
-from secfl.server.protection import AggregateResult, RoundContext
+from secfl.server.protection import AggregateResult, RoundContext, record_dropout
 from secfl.transport.base import Transport
 from secfl.wire import decode_message
 
@@ -147,15 +147,7 @@ class CkksProtection:
             raw = replies.get(client_id)
             checked = self._check(raw, client_id, ctx, epoch, digest, public)
             if isinstance(checked, str):
-                dropped[client_id] = checked
-                ctx.events.emit(
-                    "client_dropped",
-                    round=ctx.round,
-                    attempt=ctx.attempt,
-                    client=client_id,
-                    stage="encrypted_input",
-                    reason=checked,
-                )
+                record_dropout(ctx, dropped, client_id, stage="encrypted_input", reason=checked)
             elif raw is not None:
                 accepted[client_id] = (raw, checked)
         if len(accepted) < self._min_cohort:

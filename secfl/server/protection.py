@@ -63,6 +63,21 @@ class Protection(Protocol):
         ...
 
 
+def record_dropout(
+    ctx: RoundContext, dropped: dict[int, str], client_id: int, *, stage: str, reason: str
+) -> None:
+    """Count ``client_id`` as dropped at ``stage`` and say why in the event log."""
+    dropped[client_id] = reason
+    ctx.events.emit(
+        "client_dropped",
+        round=ctx.round,
+        attempt=ctx.attempt,
+        client=client_id,
+        stage=stage,
+        reason=reason,
+    )
+
+
 def decode_reply(
     reply: bytes | None, client_id: int, ctx: RoundContext, stage: str
 ) -> FitRes | str:
@@ -116,15 +131,7 @@ class PlaintextProtection:
         for client_id in participants:
             checked = decode_reply(replies.get(client_id), client_id, ctx, "fit")
             if isinstance(checked, str):
-                dropped[client_id] = checked
-                ctx.events.emit(
-                    "client_dropped",
-                    round=ctx.round,
-                    attempt=ctx.attempt,
-                    client=client_id,
-                    stage="fit",
-                    reason=checked,
-                )
+                record_dropout(ctx, dropped, client_id, stage="fit", reason=checked)
             else:
                 accepted[client_id] = checked
         while accepted:
