@@ -410,11 +410,21 @@ class RunConfig(StrictModel):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def fingerprint(self, *, ignore: tuple[str, ...] = ("rounds",)) -> str:
-        """SHA-256 of the canonical JSON of this config without the ``ignore`` keys."""
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON of this config, identifying a run for ``--resume``.
+
+        ``rounds`` is left out so a run can be extended, except where a noise multiplier is
+        calibrated from a target epsilon over ``rounds``: extending such a run would change
+        the noise of the rounds still to come, so the fingerprint keeps it.
+        """
         raw = self.to_dict()
-        for key in ignore:
-            raw.pop(key, None)
+        privacy = self.privacy
+        calibrated = any(
+            level is not None and level.target_epsilon is not None
+            for level in (privacy.sample_level, privacy.user_level)
+        )
+        if not calibrated:
+            raw.pop("rounds", None)
         canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -64,3 +64,10 @@ def test_overrides_and_fingerprint() -> None:
     assert base.with_overrides(seed=3).fingerprint() != base.fingerprint()
     with pytest.raises(ConfigError, match="client.lr"):
         base.with_overrides(**{"client.lr": 0})
+
+
+def test_fingerprint_keeps_rounds_when_noise_is_calibrated_from_them() -> None:
+    calibrated = config_from_dict({"privacy": {"sample_level": {"target_epsilon": 8.0}}})
+    assert calibrated.with_overrides(rounds=50).fingerprint() != calibrated.fingerprint()
+    fixed = config_from_dict({"privacy": {"sample_level": {"noise_multiplier": 1.0}}})
+    assert fixed.with_overrides(rounds=50).fingerprint() == fixed.fingerprint()
