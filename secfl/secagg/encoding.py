@@ -15,13 +15,17 @@ sum_u w_u x_u / sum_u w_u with an error below |survivors| quanta (C / 2^(r-1) ea
 coordinate over the total weight.
 
 Fast path: round_half_even(t) for |t| < 2^51 is read from the low mantissa bits of
-t + 1.5 * 2^52 (the "magic number" conversion), so a chunk costs six float64 passes and no
-integer temporaries; ``encode_reference`` computes the same numbers with ``np.rint``.
+t + 1.5 * 2^52 (the "magic number" conversion). It works on everything scaled by 2^32,
+which is exact in float64 (a power-of-two scale commutes with rounding away from subnormals
+and overflow, and here |2^32 t| < 2^83): fl(fl(c * w * unit * 2^32) + J) = 2^32 * fl(c * w *
+unit + J * 2^-32), and adding 1.5 * 2^84 rounds that to a multiple of 2^32 half-to-even, so
+the low 32 mantissa bits hold q mod 2^32 exactly as before. That lets the signed jitter word
+be added as is (no separate jitter array). Per cache-resident chunk: clip into float64,
+multiply, add the jitter words, add the magic number, and one cast to the output
+words; ``encode_reference`` computes the same numbers with ``np.rint``.
 """
 
 from __future__ import annotations
-
-import sys
 
 import numpy as np
 
@@ -31,9 +35,10 @@ from secfl.secagg.params import SecAggParams
 
 #: Rounding jitter: a signed 32-bit word times 2^-32 is uniform on [-1/2, 1/2).
 _JITTER_SCALE = 2.0**-32
-#: 1.5 * 2^52: adding it to |t| < 2^51 leaves round-half-even(t) in the low mantissa bits.
-_MAGIC = 1.5 * 2.0**52
-_MAGIC_BITS = np.int64(0x4338000000000000)
+#: 1.5 * 2^84: adding it to |2^32 t| < 2^83 leaves round-half-even(t) in the low mantissa
+#: bits (the usual 1.5 * 2^52 conversion, scaled by 2^32; see the module docstring).
+_MAGIC = 1.5 * 2.0**84
+_MAGIC_BITS = np.array(_MAGIC).view(np.int64)[()]
 
 
 def client_weight(params: SecAggParams, num_samples: int) -> int:
@@ -58,11 +63,11 @@ def encoding_fill(
     d = x.size
     if not 1 <= weight <= params.weight_bound:
         raise UpdateError(f"weight must be in [1, {params.weight_bound}], got {weight}")
-    scale = float(weight) * params.unit
+    # scaled by 2^32 so the jitter word is added unscaled (exact; see the module docstring)
+    scale = float(weight) * params.unit * 2.0**32
     clip = float(params.clip_range)
     zeros = bytes(4 * chunk)
     wide = params.word_dtype == np.uint64
-    low = 0 if sys.byteorder == "little" else 1
 
     def factory(lo: int) -> ChunkFill:
         if (4 * lo) % 16:
@@ -71,13 +76,14 @@ def encoding_fill(
         words = np.empty(chunk, dtype="<i4")
         words_bytes = words.data.cast("B")
         real = np.empty(chunk, dtype=np.float64)
-        jitter = np.empty(chunk, dtype=np.float64)
-        clip_, multiply, add, copyto, subtract = (
+        bits = real.view(np.int64)
+        clip_, multiply, add, copyto, subtract, reduce = (
             np.clip,
             np.multiply,
             np.add,
             np.copyto,
             np.subtract,
+            np.add.reduce,
         )
 
         def fill(c0: int, c1: int, out: np.ndarray, /) -> None:
@@ -87,21 +93,19 @@ def encoding_fill(
             if m:
                 values = x[c0 : c0 + m]
                 # NaN/Inf checked while the chunk is in cache; the error reaches the caller
-                if not np.isfinite(np.add.reduce(values)):
+                if not np.isfinite(reduce(values)):
                     raise UpdateError(
                         "update holds NaN, Inf or values beyond 1e33; refusing to encode it"
                     )
                 r = real[:m]
-                u = jitter[:m]
                 clip_(values, -clip, clip, out=r)
                 multiply(r, scale, out=r)
-                multiply(words[:m], _JITTER_SCALE, out=u)
-                add(r, u, out=r)
+                add(r, words[:m], out=r)
                 add(r, _MAGIC, out=r)
                 if wide:
-                    subtract(r.view(np.int64), _MAGIC_BITS, out=out[:m].view(np.int64))
+                    subtract(bits[:m], _MAGIC_BITS, out=out[:m].view(np.int64))
                 else:
-                    copyto(out[:m], r.view(np.uint32)[low::2])
+                    copyto(out[:m], bits[:m], casting="unsafe")  # low 32 bits: q mod 2^32
             if c1 == d + 1:
                 out[n - 1] = weight
 
