@@ -220,3 +220,23 @@ def test_shamir_batched_matches_single_and_refuses_bad_input() -> None:
         shamir.split(shamir.secret_to_elements(secret), [1, 2], 3, rng)
     with pytest.raises(ProtocolError, match="residue"):
         shamir.reconstruct(np.array([[1, 2]]), np.full((1, 2, 11), 2**31, dtype=np.uint64))
+
+
+@pytest.mark.parametrize("bits", [24, 32, 40, 64])
+def test_decode_mean_matches_decode_sum(bits: int) -> None:
+    from secfl.config import MaskingConfig
+    from secfl.secagg.encoding import decode_mean, decode_sum
+    from secfl.secagg.params import derive_params
+
+    params = derive_params(
+        MaskingConfig(graph="complete", bits=bits, max_weight=4), n=10, min_cohort=3
+    )
+    rng = np.random.default_rng(bits)
+    total = rng.integers(0, 2**bits, 4097, dtype=np.uint64).astype(params.word_dtype)
+    total[:4] = [0, (1 << (bits - 1)) - 1, 1 << (bits - 1), (1 << bits) - 1]  # sign edges
+    total[-1] = 17
+    mean, weight, _ = decode_sum(params, total)
+    fast_mean, fast_weight = decode_mean(params, total)
+    assert fast_weight == weight == 17
+    assert fast_mean.dtype == np.float32
+    assert np.array_equal(fast_mean, mean)

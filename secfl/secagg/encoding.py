@@ -149,3 +149,39 @@ def decode_sum(params: SecAggParams, total: np.ndarray) -> tuple[np.ndarray, int
         signed = wrapped.astype(np.float64)
     mean = (signed / (params.unit * total_weight)).astype(np.float32)
     return mean, total_weight, signed
+
+
+def decode_mean(params: SecAggParams, total: np.ndarray) -> tuple[np.ndarray, int]:
+    """(weighted mean as float32, total weight): the numbers :func:`decode_sum` gives, in one
+    full-vector pass for b equal to the word size (two shifts in place of the wrap otherwise).
+
+    The signed value of a word is read by reinterpreting it as a signed word (shifted so bit
+    b-1 is the sign bit, then shifted back arithmetically); the division runs in float64 and
+    rounds once to float32, as ``decode_sum`` does.
+    """
+    if total.ndim != 1 or total.size < 2:
+        raise UpdateError(f"an unmasked sum has d + 1 >= 2 words, got shape {total.shape}")
+    if total.dtype not in (np.uint32, np.uint64):
+        raise UpdateError(f"an unmasked sum has uint32 or uint64 words, got {total.dtype}")
+    total_weight = int(total[-1])
+    if total_weight < 1:
+        raise UpdateError(f"total weight of the survivors is {total_weight}; nothing to average")
+    words = total[:-1]
+    width = 8 * words.dtype.itemsize
+    signed_dtype = np.int32 if width == 32 else np.int64
+    shift = width - params.bits
+    if shift:
+        shifted = np.left_shift(words, words.dtype.type(shift))
+        signed = shifted.view(signed_dtype)
+        np.right_shift(signed, signed_dtype(shift), out=signed)
+    else:
+        signed = words.view(signed_dtype)
+    mean = np.empty(words.size, dtype=np.float32)
+    np.divide(
+        signed,
+        params.unit * total_weight,
+        out=mean,
+        dtype=np.float64,
+        casting="same_kind",
+    )
+    return mean, total_weight

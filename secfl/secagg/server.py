@@ -33,7 +33,7 @@ from secfl.errors import MessageError, ProtocolError, SecAggAbort, SecflError
 from secfl.messages import ClientFailure
 from secfl.secagg import messages as m
 from secfl.secagg.client import SECRET_BYTES, pair_key
-from secfl.secagg.encoding import decode_sum
+from secfl.secagg.encoding import decode_mean
 from secfl.secagg.graph import build_neighbours, graph_seed
 from secfl.secagg.identity import IdentityRegistry
 from secfl.secagg.params import SecAggParams, derive_params
@@ -525,7 +525,7 @@ class SecAggServer:
             add_seeds=add_seeds,
         )
         reduce_mod(out, self.params.bits)
-        mean, total_weight, _ = decode_sum(self.params, out)
+        mean, total_weight = decode_mean(self.params, out)
         self._emit(
             "secagg_unmasked",
             survivors=list(self.u3),
