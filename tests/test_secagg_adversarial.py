@@ -268,3 +268,15 @@ def test_masked_vector_is_statistically_uniform() -> None:
         expected = d / 256
         chi2 = float(((counts - expected) ** 2 / expected).sum())
         assert chi2 < 400.0  # df=255: p < 1e-9 beyond 400; a constant input would give ~5e6
+
+
+def test_masked_input_with_wrong_padding_is_dropped() -> None:
+    fed = Federation(5, 16, MaskingConfig(bits=32, max_weight=1))
+    srv, requests = _drive_to(fed, "masked_input")
+    replies = {c: fed.deliver(c, p) for c, p in requests.items()}
+    res = decode_message(replies[2])
+    assert res.masked32.ctypes.data % 4 == 0  # the pad aligns the zero-copy view
+    replies[2] = dataclasses.replace(res, pad=b"\x01").to_bytes()
+    srv.receive(replies)
+    assert "wrong padding" in srv.dropped[2]
+    assert 2 not in srv.u3

@@ -25,6 +25,9 @@ SHARE_ELEMENTS = chunks_for(32)
 SHARE_PLAINTEXT = struct.Struct(f">II{SHARE_ELEMENTS}I{SHARE_ELEMENTS}I")
 SHARE_CIPHERTEXT_BYTES = SHARE_PLAINTEXT.size + TAG_BYTES
 
+#: The alignment padding of :class:`MaskedInputRes` (see there).
+MASKED_PAD = b"\x00"
+
 STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask")
 
 
@@ -136,14 +139,20 @@ class MaskedInputIns(WireMessage):
 @dataclass(frozen=True, eq=False)
 class MaskedInputRes(WireMessage):
     """Client -> server: the masked, encoded update (d + 1 words mod 2^b); exactly one of
-    ``masked32`` (b <= 32) and ``masked64`` (b > 32) is non-empty."""
+    ``masked32`` (b <= 32) and ``masked64`` (b > 32) is non-empty.
+
+    ``pad`` is exactly :data:`MASKED_PAD` (one zero byte, 5 bytes with its length): it puts
+    the ``masked32`` words at byte 32 of the message (and ``masked64`` at byte 40), so in a
+    16-byte aligned receive buffer the server's zero-copy views are word aligned (NumPy adds
+    unaligned words through a slower buffered loop: ~15% on the unmask sum)."""
 
     TYPE_ID: ClassVar[int] = 106
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     FIELDS: ClassVar[Fields] = (
         ("round", "u32"),
         ("attempt", "u32"),
         ("sender", "u32"),
+        ("pad", "bytes"),
         ("masked32", "u32s"),
         ("masked64", "u64s"),
     )
@@ -152,6 +161,7 @@ class MaskedInputRes(WireMessage):
     sender: int
     masked32: np.ndarray
     masked64: np.ndarray
+    pad: bytes = b"\x00"
 
 
 @dataclass(frozen=True, eq=False)

@@ -352,6 +352,9 @@ class SecAggServer:
         for client_id, res in accepted.items():
             vector = res.masked32 if dtype == np.uint32 else res.masked64
             other = res.masked64 if dtype == np.uint32 else res.masked32
+            if res.pad != m.MASKED_PAD:
+                self._drop(client_id, self.stage, "wrong padding in the masked input")
+                continue
             if vector.size != words or other.size != 0:
                 self._drop(
                     client_id,
