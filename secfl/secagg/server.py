@@ -317,19 +317,31 @@ class SecAggServer:
     def _collect_shares(self, accepted: dict[int, m.ShareKeysRes]) -> None:
         size = m.SHARE_CIPHERTEXT_BYTES
         routed: dict[int, dict[int, bytes]] = {}
+        senders: set[int] = set()
         for client_id, res in accepted.items():
-            if tuple(res.recipients) != self.neighbours[client_id]:
+            recipients = tuple(res.recipients)
+            if recipients != self.neighbours[client_id]:
                 self._drop(client_id, self.stage, "wrong recipients: not its graph neighbours")
                 continue
-            if len(res.ciphertexts) != size * len(res.recipients):
+            blob = res.ciphertexts
+            if len(blob) != size * len(recipients):
                 self._drop(client_id, self.stage, "wrong length of the share ciphertexts")
                 continue
-            for i, v in enumerate(res.recipients):
-                routed.setdefault(v, {})[client_id] = res.ciphertexts[i * size : (i + 1) * size]
+            senders.add(client_id)
+            for i, v in enumerate(recipients):
+                inbox = routed.get(v)
+                if inbox is None:
+                    inbox = routed[v] = {}
+                inbox[client_id] = blob[i * size : (i + 1) * size]
         self.u2 = tuple(c for c in sorted(accepted) if c not in self.dropped)
         self.active = self.u2
         u2 = set(self.u2)
-        self._routed = {v: {u: ct for u, ct in routed.get(v, {}).items() if u in u2} for v in u2}
+        if senders <= u2:  # the usual case: nothing to filter out
+            self._routed = {v: routed.get(v, {}) for v in u2}
+        else:
+            self._routed = {
+                v: {u: ct for u, ct in routed.get(v, {}).items() if u in u2} for v in u2
+            }
         self._require(len(self.u2), "clients sent shares")
         self.stage = "masked_input"
 
