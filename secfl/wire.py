@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Sequence
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -164,6 +165,28 @@ def _decode_field(
     _need(owner, name, view, offset, size)
     array = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
     return array, offset + size
+
+
+def frame_parts(parts: Sequence[bytes]) -> bytes:
+    """Concatenate byte strings, each prefixed by its u32 big-endian length."""
+    return b"".join(_LEN32.pack(len(p)) + p for p in parts)
+
+
+def unframe_parts(data: bytes, what: str, *, error: type[Exception] = MessageError) -> list[bytes]:
+    """Inverse of :func:`frame_parts`; a truncated part raises ``error`` naming ``what``."""
+    parts: list[bytes] = []
+    view = memoryview(data)
+    offset = 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise error(f"{what}: truncated length prefix at offset {offset}")
+        (length,) = _LEN32.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise error(f"{what}: part of {length} bytes truncated at offset {offset}")
+        parts.append(bytes(view[offset : offset + length]))
+        offset += length
+    return parts
 
 
 def message_fields(message: WireMessage) -> dict[str, Any]:

@@ -54,6 +54,7 @@ import tenseal.sealapi as seal
 
 from secfl.crypto.ckks_wire import CiphertextFormat
 from secfl.errors import CkksError, CkksParameterError
+from secfl.wire import frame_parts, unframe_parts
 
 #: HomomorphicEncryption.org security standard (Albrecht et al. 2018, Table 1, ternary
 #: secret, classical, 128 bits): the largest total coefficient-modulus bits per ring degree.
@@ -538,23 +539,11 @@ def _seal_context(params: Any, preset: CkksPreset, *, chain: bool = True) -> Any
 
 
 def _frame(parts: Sequence[bytes]) -> bytes:
-    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+    return frame_parts(parts)
 
 
 def _unframe(data: bytes, what: str) -> list[bytes]:
-    parts: list[bytes] = []
-    offset = 0
-    view = memoryview(data)
-    while offset < len(view):
-        if offset + 4 > len(view):
-            raise CkksError(f"{what}: truncated length prefix at offset {offset}")
-        (length,) = struct.unpack_from(">I", view, offset)
-        offset += 4
-        if offset + length > len(view):
-            raise CkksError(f"{what}: truncated part of {length} bytes at offset {offset}")
-        parts.append(bytes(view[offset : offset + length]))
-        offset += length
-    return parts
+    return unframe_parts(data, what, error=CkksError)
 
 
 _CONTEXT_MAGIC = b"SFLCKKS1"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from secfl.client.app import ClientApp
@@ -13,7 +15,6 @@ from secfl.he.messages import (
     CkksFitIns,
     EncryptedUpdate,
     frame_blobs,
-    signed_update_payload,
 )
 from secfl.messages import FitIns
 
@@ -94,19 +95,7 @@ def encrypt_update(
     seed: bytes | None = None,
 ) -> EncryptedUpdate:
     """Pack, encrypt (both cores) and sign one update; ``values`` must already be clipped."""
-    blobs = frame_blobs(ckks.encrypt_vector(context, values, seed=seed))
-    payload = signed_update_payload(
-        round_index=round_index,
-        attempt=attempt,
-        client_id=client_id,
-        epoch=epoch,
-        model_hash=model_hash,
-        context_digest=context.digest,
-        num_samples=num_samples,
-        model_size=int(values.size),
-        ciphertexts=blobs,
-    )
-    return EncryptedUpdate(
+    unsigned = EncryptedUpdate(
         round=round_index,
         attempt=attempt,
         client_id=client_id,
@@ -115,6 +104,9 @@ def encrypt_update(
         context_digest=context.digest,
         num_samples=num_samples,
         model_size=int(values.size),
-        ciphertexts=blobs,
-        signature=identity.sign(UPDATE_SIGNATURE_CONTEXT, payload),
+        ciphertexts=frame_blobs(ckks.encrypt_vector(context, values, seed=seed)),
+        signature=b"",
     )
+    # The signature covers every field but itself (EncryptedUpdate.signed_payload).
+    signature = identity.sign(UPDATE_SIGNATURE_CONTEXT, unsigned.signed_payload())
+    return dataclasses.replace(unsigned, signature=signature)

@@ -15,33 +15,20 @@ from typing import ClassVar
 
 import numpy as np
 
-from secfl.errors import MessageError
-from secfl.wire import WireMessage
+from secfl.wire import WireMessage, frame_parts, unframe_parts
 
 #: Domain-separation label of a client's update signature.
 UPDATE_SIGNATURE_CONTEXT = b"secfl/ckks/update/v2"
 
 
 def frame_blobs(blobs: Sequence[bytes]) -> bytes:
-    """Concatenate byte strings, each prefixed by its u32 big-endian length."""
-    return b"".join(struct.pack(">I", len(b)) + b for b in blobs)
+    """Concatenate ciphertext blobs, each prefixed by its u32 big-endian length."""
+    return frame_parts(blobs)
 
 
 def unframe_blobs(data: bytes, what: str) -> list[bytes]:
     """Inverse of :func:`frame_blobs`; raises :class:`MessageError` on truncation."""
-    out: list[bytes] = []
-    view = memoryview(data)
-    offset = 0
-    while offset < len(view):
-        if offset + 4 > len(view):
-            raise MessageError(f"{what}: truncated length prefix at offset {offset}")
-        (length,) = struct.unpack_from(">I", view, offset)
-        offset += 4
-        if offset + length > len(view):
-            raise MessageError(f"{what}: part of {length} bytes truncated at offset {offset}")
-        out.append(bytes(view[offset : offset + length]))
-        offset += length
-    return out
+    return unframe_parts(data, what)
 
 
 @dataclass(frozen=True, eq=False)
