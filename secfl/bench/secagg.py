@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -304,7 +304,7 @@ def _flower(
 
     def client_mask() -> list[np.ndarray]:
         # secaggplus_mod's masked-input step: quantize, self mask, k pairwise masks, mod.
-        vec = factor_combine(1, quantize(x, _CLIP, target))  # type: ignore[arg-type]
+        vec = factor_combine(1, quantize(cast(Any, x), _CLIP, target))
         shapes = [a.shape for a in vec]  # the weight factor travels as a 0-d array
         vec = parameters_addition(vec, pseudo_rand_gen(seed, modulus, shapes))
         for j in neighbours:  # client 0: every neighbour has a larger index -> subtract
