@@ -14,6 +14,11 @@ per-round epsilon summed naively, never a history restarted every round.
 
 :func:`check_delta` refuses delta > 1/(10 n), the usual ceiling (a delta near 1/n permits
 mechanisms that publish one record in clear).
+
+The configured accountant composes the history while it handles every event's mechanism;
+once the history holds one it cannot (a Skellam event under a Gaussian library accountant),
+the whole history is composed by ``secfl_rdp`` (:func:`~secfl.privacy.accountants.accountant_for`),
+and :meth:`PartyLedger.summary` reports both names.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from secfl.errors import BudgetExhausted, PrivacyError
-from secfl.privacy.accountants import accountant, epsilon
+from secfl.privacy.accountants import accountant, accountant_for, epsilon
 from secfl.privacy.events import DpEvent, Level
 
 
@@ -41,7 +46,8 @@ def check_delta(delta: float, n: int, *, key: str, unit: str) -> None:
 
 @dataclass
 class PartyLedger:
-    """Every DP event charged to ``party``, composed by ``accountant_name``."""
+    """Every DP event charged to ``party``, composed by ``accountant_name`` (or by
+    ``secfl_rdp`` when a mechanism in the history is beyond it)."""
 
     party: str
     level: Level
@@ -62,18 +68,24 @@ class PartyLedger:
     def amplified_is_valid_for_everyone(self) -> bool:
         return self.level == "sample"
 
+    def accountant_used(self, extra: Sequence[DpEvent] = ()) -> str:
+        """The accountant that composes the history (with ``extra``): the configured one if
+        it handles every mechanism in it, else ``secfl_rdp``."""
+        return accountant_for(self.accountant_name, [*self.events, *extra])
+
     def epsilon(self, extra: Sequence[DpEvent] = ()) -> float:
         """The primary cumulative epsilon (unamplified at user level), with ``extra`` events."""
+        events = [*self.events, *extra]
         return epsilon(
-            self.accountant_name,
-            [*self.events, *extra],
+            accountant_for(self.accountant_name, events),
+            events,
             self.delta,
             amplified=self.amplified_is_valid_for_everyone,
         )
 
     def epsilon_amplified(self) -> float:
         """Cumulative epsilon with sampling amplification (only Poisson-sampled events)."""
-        return epsilon(self.accountant_name, self.events, self.delta, amplified=True)
+        return epsilon(self.accountant_used(), self.events, self.delta, amplified=True)
 
     def would_exceed(self, planned: Sequence[DpEvent]) -> bool:
         return self.budget is not None and self.epsilon(planned) > self.budget
@@ -81,10 +93,14 @@ class PartyLedger:
     def charge_check(self, planned: Sequence[DpEvent]) -> None:
         """Raise :class:`BudgetExhausted` if ``planned`` would take the party over budget."""
         if self.would_exceed(planned):
+            # Both figures from the accountant that composes the history with ``planned``.
+            name = self.accountant_used(planned)
+            amplified = self.amplified_is_valid_for_everyone
+            spent = epsilon(name, self.events, self.delta, amplified=amplified)
             raise BudgetExhausted(
                 f"privacy budget {self.budget_key}={self.budget} of {self.party} would be "
-                f"exceeded: spent {self.epsilon():.4f}, after this round "
-                f"{self.epsilon(planned):.4f} (delta {self.delta:.3g}, {self.accountant_name})"
+                f"exceeded: spent {spent:.4f}, after this round "
+                f"{self.epsilon(planned):.4f} (delta {self.delta:.3g}, {name})"
             )
 
     def add(self, event: DpEvent) -> None:
@@ -98,7 +114,8 @@ class PartyLedger:
         row: dict[str, Any] = {
             "party": self.party,
             "level": self.level,
-            "accountant": self.accountant_name,
+            "accountant": self.accountant_used(),
+            "accountant_configured": self.accountant_name,
             "delta": self.delta,
             "n": self.n,
             "budget": self.budget,
