@@ -149,9 +149,10 @@ def _dpa_epsilon(mechanism: str, history: History, delta: float) -> float:
 def _skellam_rdp_curve(entry: MergedEvent, orders: np.ndarray) -> np.ndarray:
     """Per-step RDP of one merged Skellam entry at ``orders``; Zhu & Wang amplification only
     when its sampling rate is below 1 (only Poisson-sampled events keep a rate below 1)."""
-    assert entry.l1_sensitivity is not None  # noqa: S101 - DpEvent validated it
-    mu = (entry.noise_multiplier * entry.sensitivity) ** 2 / 2.0
     l1, l2 = entry.l1_sensitivity, entry.sensitivity
+    if l1 is None:  # DpEvent refuses this; a hand-built history must not slip through
+        raise PrivacyError("a skellam history entry needs its l1_sensitivity")
+    mu = (entry.noise_multiplier * l2) ** 2 / 2.0
 
     @functools.cache
     def base(alpha: int) -> float:
