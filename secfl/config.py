@@ -267,7 +267,7 @@ class SimulationConfig(StrictModel):
 # ---------------------------------------------------------------------------- privacy
 
 #: Accountants in :mod:`secfl.privacy.accountants` (libraries, never hand-written maths).
-AccountantName = Literal["opacus_prv", "opacus_rdp", "dpa_pld", "dpa_rdp"]
+AccountantName = Literal["opacus_prv", "opacus_rdp", "dpa_pld", "dpa_rdp", "secfl_rdp"]
 Delta = Annotated[float, Field(gt=0, lt=1)]
 
 
@@ -304,12 +304,14 @@ class SampleLevelConfig(_NoiseChoice):
 
 
 class UserLevelConfig(_NoiseChoice):
-    """``privacy.user_level``: each update clipped to L2 norm ``clip_norm``, Gaussian noise
-    on the weighted sum (central: mode ``none`` only, trusted server).
+    """``privacy.user_level``: each update clipped to L2 norm ``clip_norm``, noise on the sum.
 
-    ``weighting: uniform`` gives every client weight 1 (sensitivity ``clip_norm``);
-    ``capped`` gives min(records / ``weight_unit``, ``max_weight``) (sensitivity
-    ``clip_norm * max_weight``). ``delta`` must be at most 1/(10 n), n = number of clients.
+    Mode ``none``: central Gaussian noise added by the (trusted) server. ``masking``: every
+    client adds a Skellam share in the integer domain before masking; ``ckks``: a Gaussian
+    share before encryption (``secfl.privacy.distributed``). ``weighting: uniform`` gives
+    every client weight 1 (sensitivity ``clip_norm``); ``capped`` gives min(records /
+    ``weight_unit``, ``max_weight``) (sensitivity ``clip_norm * max_weight``). ``delta`` must
+    be at most 1/(10 n), n = number of clients.
     """
 
     delta: Delta = 1e-5
@@ -317,6 +319,10 @@ class UserLevelConfig(_NoiseChoice):
     weighting: Literal["uniform", "capped"] = "uniform"
     max_weight: PositiveFloat = 1.0
     weight_unit: PositiveFloat = 1.0
+    #: Distributed noise only: how many contributors to a sum the threat model lets collude
+    #: with the server (they know their own shares); every client adds enough noise for the
+    #: threshold minus these. Must be below ``aggregation.min_cohort``.
+    colluding_clients: Annotated[int, Field(ge=0)] = 0
 
 
 class BudgetConfig(StrictModel):
@@ -388,11 +394,18 @@ class RunConfig(StrictModel):
                     f"data.num_clients={self.data.num_clients}: allowed (0, 1/(10 n)] = "
                     f"(0, {bound:.3g}]"
                 )
-            if self.aggregation.protection != "none":
+            protection = self.aggregation.protection
+            if protection == "none" and user.colluding_clients:
                 raise ValueError(
-                    f"privacy.user_level with aggregation.protection="
-                    f"{self.aggregation.protection!r} needs distributed noise, which is not "
-                    "implemented yet; allowed: protection 'none' (central noise, trusted server)"
+                    f"privacy.user_level.colluding_clients={user.colluding_clients} applies to "
+                    "distributed noise (protection masking or ckks); with protection 'none' "
+                    "the trusted server adds all the noise: allowed 0"
+                )
+            if protection != "none" and user.colluding_clients >= self.aggregation.min_cohort:
+                raise ValueError(
+                    f"privacy.user_level.colluding_clients={user.colluding_clients} must be "
+                    f"below aggregation.min_cohort={self.aggregation.min_cohort}: a revealed "
+                    "sum needs at least one honest noise share"
                 )
         return self
 

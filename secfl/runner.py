@@ -25,6 +25,8 @@ from secfl.data.datasets import Dataset
 from secfl.data.federated import FederatedData, build_federated_data
 from secfl.encode.flatten import ParameterLayout, flatten_parameters, load_parameters, model_hash
 from secfl.models import build_model
+from secfl.privacy.central import UserLevelMechanism
+from secfl.privacy.distributed import user_level_mechanism
 from secfl.privacy.federation import PrivacyRecorder
 from secfl.randomness import Randomness
 from secfl.record import rundir
@@ -66,13 +68,19 @@ _PROTECTION_BUILDERS = {
 
 
 def make_protection(
-    config: RunConfig, clients: list[ClientApp], randomness: Randomness, events: EventLog
+    config: RunConfig,
+    clients: list[ClientApp],
+    randomness: Randomness,
+    events: EventLog,
+    *,
+    user_level: UserLevelMechanism | None = None,
 ) -> Protection:
     """The server side of the configured protection mode; the builder also equips the
-    simulated clients with their side of the protocol (each role keeps its own state)."""
+    simulated clients with their side of the protocol (each role keeps its own state) and
+    with the user-level DP mechanism (central noise, or each client's noise share)."""
     module_name, _, attribute = _PROTECTION_BUILDERS[config.aggregation.protection].partition(":")
     builder = getattr(importlib.import_module(module_name), attribute)
-    protection: Protection = builder(config, clients, randomness, events)
+    protection: Protection = builder(config, clients, randomness, events, user_level=user_level)
     return protection
 
 
@@ -164,6 +172,8 @@ def _run(
     )()
     layout = ParameterLayout.of(template)
     weights = flatten_parameters(template)
+    user_level = user_level_mechanism(config, weights.size)
+    privacy.attach_mechanism(user_level)
 
     model_factory = privacy.prepare_model(
         lambda: build_model(config.model, data.input_shape, data.num_classes)
@@ -191,7 +201,7 @@ def _run(
         config=config,
         weights=weights,
         optimizer=optimizer,
-        protection=make_protection(config, clients, randomness, events),
+        protection=make_protection(config, clients, randomness, events, user_level=user_level),
         transport=transport,
         client_ids=[c.client_id for c in clients],
         randomness=randomness,

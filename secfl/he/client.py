@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from secfl.he.messages import (
 )
 from secfl.messages import FitIns
 
+if TYPE_CHECKING:
+    from secfl.privacy.distributed import DistributedNoise
+
 
 class CkksClient:
     """A client's CKKS state: its identity key and the public context it last received.
@@ -32,8 +36,13 @@ class CkksClient:
         *,
         clip_range: float,
         identity: SigningKey,
+        noise: DistributedNoise | None = None,
+        threshold: int = 1,
     ) -> None:
         self._app = app
+        #: User-level DP: a Gaussian share for sums of at least ``threshold`` updates.
+        self._noise = noise
+        self._threshold = threshold
         self._preset = preset
         self._clip_range = clip_range
         self._identity = identity
@@ -60,6 +69,26 @@ class CkksClient:
                 round=ins.round, attempt=ins.attempt, model_hash=ins.model_hash, weights=ins.weights
             )
         )
+        num_samples = result.num_samples
+        if self._noise is not None:
+            # user-level DP: L2 clip with the weight folded in, plus this client's share
+            share = self._noise.client_noise(
+                self._app.randomness.stream(
+                    "ckks.dp_noise",
+                    round_index=ins.round,
+                    attempt=ins.attempt,
+                    party=self._app.party,
+                ),
+                self._threshold,
+            )
+            delta = self._noise.client_value(delta, num_samples) + share
+            num_samples = 1
+            if np.abs(delta).max() > self._clip_range:
+                # clipping a noised share would change the sum's distribution: refuse
+                raise CkksError(
+                    f"a noised coordinate exceeds aggregation.ckks.clip_range="
+                    f"{self._clip_range}; the update is not sent"
+                )
         # Encoding bounds are enforced, never wrapped: the update is clipped to [-C, C].
         clipped = np.clip(delta.astype(np.float64), -self._clip_range, self._clip_range)
         seed = None
@@ -76,7 +105,7 @@ class CkksClient:
             client_id=self._app.client_id,
             epoch=ins.epoch,
             model_hash=ins.model_hash,
-            num_samples=result.num_samples,
+            num_samples=num_samples,
             seed=seed,
         )
 

@@ -37,6 +37,7 @@ class CkksFitIns(WireMessage):
 
     TYPE_ID: ClassVar[int] = 200
     VERSION: ClassVar[int] = 1
+    DROPOUT_STAGE: ClassVar[str] = "encrypted_input"
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("round", "u32"),
         ("attempt", "u32"),

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from secfl.crypto import ckks
 from secfl.crypto.sign import verify_signature
@@ -26,9 +29,13 @@ from secfl.he.messages import (
     frame_blobs,
 )
 from secfl.messages import ClientFailure
+from secfl.privacy.events import DpEvent
 from secfl.server.protection import AggregateResult, RoundContext, record_dropout
 from secfl.transport.base import Transport
 from secfl.wire import decode_message
+
+if TYPE_CHECKING:
+    from secfl.privacy.distributed import DistributedNoise
 
 #: The server's channel to the decryptor: request bytes in, reply bytes out.
 DecryptorChannel = Callable[[bytes], bytes]
@@ -48,8 +55,11 @@ class CkksProtection:
         min_cohort: int,
         num_clients: int,
         query_budget: int,
+        user_level: DistributedNoise | None = None,
     ) -> None:
         self._preset = preset
+        #: User-level DP: clients add Gaussian shares and send weight 1; fixed denominator.
+        self._user_level = user_level
         self._decryptor = decryptor
         self._client_keys = dict(client_keys)
         self._min_cohort = min_cohort
@@ -105,6 +115,11 @@ class CkksProtection:
             return "reply encrypted under another key epoch or context"
         if message.num_samples < 1:
             return f"num_samples must be >= 1, got {message.num_samples}"
+        if self._user_level is not None and message.num_samples != 1:
+            return (
+                f"under user-level DP every update has weight 1 (its weight is folded into "
+                f"the clipped value), got num_samples={message.num_samples}"
+            )
         public_key = self._client_keys.get(client_id)
         try:
             if public_key is None:
@@ -174,10 +189,23 @@ class CkksProtection:
             return None
         if not isinstance(reply, SumRelease) or reply.contributors != tuple(ids):
             raise CkksError(f"unexpected decryptor reply {type(reply).__name__}")
+        mean = reply.mean.copy()
+        dp_events: tuple[DpEvent, ...] = ()
+        if self._user_level is not None:
+            # weights are all 1: total_weight = contributors; use the fixed denominator
+            mean = (mean * (float(reply.total_weight) / self._user_level.denominator)).astype(
+                np.float32
+            )
+            dp_events = (
+                self._user_level.released_event(
+                    len(ids), self._min_cohort, round_index=ctx.round, attempt=ctx.attempt
+                ),
+            )
         return AggregateResult(
-            mean_update=reply.mean.copy(),
+            mean_update=mean,
             total_weight=float(reply.total_weight),
             survivors=tuple(ids),
             dropped=dropped,
             train_loss=None,
+            dp_events=dp_events,
         )

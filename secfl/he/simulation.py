@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from secfl.audit.events import EventLog
 from secfl.crypto import ckks
 from secfl.crypto.sign import SigningKey
+from secfl.errors import PrivacyError
 from secfl.he.client import CkksClient
 from secfl.he.decryptor import Decryptor, DecryptorPolicy
 from secfl.he.server import CkksProtection
@@ -21,12 +22,25 @@ from secfl.randomness import Randomness
 if TYPE_CHECKING:
     from secfl.client.app import ClientApp
     from secfl.config import RunConfig
+    from secfl.privacy.distributed import DistributedNoise
 
 
 def build_protection(
-    config: RunConfig, clients: list[ClientApp], randomness: Randomness, events: EventLog
+    config: RunConfig,
+    clients: list[ClientApp],
+    randomness: Randomness,
+    events: EventLog,
+    *,
+    user_level: DistributedNoise | None = None,
 ) -> CkksProtection:
+    """Decryptor, clients and server of mode ``ckks``; with user-level DP (Gaussian shares)
+    every client noises its update for sums of at least ``aggregation.min_cohort``."""
     settings = config.aggregation.ckks
+    min_cohort = config.aggregation.min_cohort
+    if user_level is not None:
+        if user_level.kind != "gaussian":
+            raise PrivacyError(f"mode ckks adds Gaussian shares, not {user_level.kind}")
+        user_level.check_ckks_range(settings.clip_range, min_cohort)
     preset = ckks.get_preset(settings.preset)
     policy = DecryptorPolicy(
         min_cohort=config.aggregation.min_cohort,
@@ -43,7 +57,14 @@ def build_protection(
             identity = SigningKey.from_seed(
                 randomness.stream("ckks.identity", party=app.party).bytes(32)
             )
-        side = CkksClient(app, preset, clip_range=settings.clip_range, identity=identity)
+        side = CkksClient(
+            app,
+            preset,
+            clip_range=settings.clip_range,
+            identity=identity,
+            noise=user_level,
+            threshold=min_cohort,
+        )
         side.attach()
         identities[app.client_id] = side.public_identity
     decryptor = Decryptor(
@@ -56,4 +77,5 @@ def build_protection(
         min_cohort=config.aggregation.min_cohort,
         num_clients=len(clients),
         query_budget=policy.query_budget,
+        user_level=user_level,
     )

@@ -7,8 +7,8 @@ C, weighted (uniform, or capped at w_max: sensitivity C w_max), summed, and Gaus
 N(0, (sigma C w_max)^2) added per coordinate from the server's :class:`RandomStream`. The
 sum is divided by a *fixed* denominator — the expected cohort weight, not the survivors' —
 so the released mean is a post-processing of the noised sum alone (McMahan et al. 2018,
-fixed-denominator estimator). Distributed noise under ``masking``/``ckks`` will implement
-the same protocol and return its own events (issue 5, not yet implemented).
+fixed-denominator estimator). Distributed noise under ``masking``/``ckks`` implements the
+same protocol (:mod:`secfl.privacy.distributed`).
 """
 
 from __future__ import annotations
@@ -172,8 +172,8 @@ def central_mechanism(config: RunConfig) -> CentralGaussianMechanism | None:
         return None
     if config.aggregation.protection != "none":
         raise PrivacyError(
-            "central user-level noise needs aggregation.protection 'none'; distributed noise "
-            "under masking/ckks is not implemented yet"
+            "central user-level noise needs aggregation.protection 'none'; masking and ckks "
+            "use distributed noise (secfl.privacy.distributed.user_level_mechanism)"
         )
     cohort, rate, amplification = expected_cohort(config)
     return CentralGaussianMechanism(

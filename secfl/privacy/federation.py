@@ -23,7 +23,7 @@ from torch import nn
 from secfl.audit.events import EventLog, register_event
 from secfl.errors import BudgetExhausted, PrivacyError
 from secfl.privacy.accountants import calibrate_noise_multiplier
-from secfl.privacy.central import central_mechanism
+from secfl.privacy.central import UserLevelMechanism
 from secfl.privacy.dpsgd import DpSgdSettings, PerSampleGradients, train_dp_sgd, validate_model
 from secfl.privacy.events import DpEvent
 from secfl.privacy.ledger import PartyLedger, check_delta
@@ -167,7 +167,9 @@ class PrivacyRecorder:
                     budget_key="privacy.budget.client_epsilon",
                 )
                 self.clients[client_id] = ClientPrivacy(client_id, ledger, settings)
-        self.mechanism = central_mechanism(config)
+        #: The user-level mechanism (central or distributed); set by :meth:`attach_mechanism`
+        #: once the model size is known (the Skellam sensitivity depends on it).
+        self.mechanism: UserLevelMechanism | None = None
         self.global_ledger: PartyLedger | None = None
         if privacy.user_level is not None:
             check_delta(
@@ -187,6 +189,12 @@ class PrivacyRecorder:
             )
         self.rounds: list[dict[str, Any]] = []
         self.stopped: str | None = None
+
+    def attach_mechanism(self, mechanism: UserLevelMechanism | None) -> None:
+        """The user-level mechanism whose planned events the budget check uses."""
+        if (mechanism is None) != (self.config.privacy.user_level is None):
+            raise PrivacyError("the user-level mechanism must match privacy.user_level")
+        self.mechanism = mechanism
 
     @property
     def enabled(self) -> bool:
@@ -217,7 +225,9 @@ class PrivacyRecorder:
     def check_round(self, round_index: int) -> str | None:
         """Why round ``round_index`` must not start (a budget would be exceeded), or None."""
         reason: str | None = None
-        if self.global_ledger is not None and self.mechanism is not None:
+        if self.global_ledger is not None:
+            if self.mechanism is None:  # fail closed: no plan, no round
+                raise PrivacyError("user-level DP is configured but no mechanism is attached")
             try:
                 self.global_ledger.charge_check([self.mechanism.planned_event(round_index)])
             except BudgetExhausted as exc:
@@ -301,9 +311,31 @@ class PrivacyRecorder:
                 "user level: epsilon against the server and participants carries no sampling "
                 "amplification; the amplified figure is valid only for observers of the "
                 "released model",
-                "distributed noise under masking/ckks is not implemented yet",
             ],
+            "user_level_mechanism": self._mechanism_description(),
         }
+
+    def _mechanism_description(self) -> dict[str, Any] | None:
+        from secfl.privacy.distributed import DistributedNoise
+
+        mechanism = self.mechanism
+        if mechanism is None:
+            return None
+        if isinstance(mechanism, DistributedNoise):
+            return {
+                "noise": "distributed",
+                "kind": mechanism.kind,
+                "noise_multiplier": mechanism.noise_multiplier,
+                "sensitivity": mechanism.sensitivity,
+                "l1_sensitivity": mechanism.l1_sensitivity,
+                "scale": mechanism.scale,
+                "colluding_clients": mechanism.colluding,
+                "denominator": mechanism.denominator,
+                "note": "each client adds variance (sigma * sensitivity)^2 / (t - colluding) "
+                "for a sum of threshold t; each round's event records the noise of the "
+                "(contributors - colluding) honest shares actually in the sum",
+            }
+        return {"noise": "central", "kind": "gaussian", "added_by": "server (trusted)"}
 
     def write(self) -> None:
         from secfl.record.rundir import write_json_atomic

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,13 +30,16 @@ from secfl.crypto.hkdf import derive_key
 from secfl.crypto.kex import KeyPair
 from secfl.crypto.prg import MaskEngine, reduce_mod
 from secfl.crypto.sign import SigningKey
-from secfl.errors import AuthenticationError, SecAggAbort, SecflError
+from secfl.errors import AuthenticationError, PrivacyError, SecAggAbort, SecflError
 from secfl.randomness import Randomness
 from secfl.secagg import messages as m
 from secfl.secagg.encoding import client_weight, encoding_fill
 from secfl.secagg.graph import build_neighbours, graph_seed
 from secfl.secagg.identity import IdentityRegistry
 from secfl.secagg.params import SecAggParams, derive_params
+
+if TYPE_CHECKING:
+    from secfl.privacy.distributed import DistributedNoise
 
 #: compute_update(round, attempt, model_hash, weights) -> (float32 delta, num_samples)
 ComputeUpdate = Callable[[int, int, bytes, np.ndarray], tuple[np.ndarray, int]]
@@ -125,10 +128,13 @@ class SecAggClient:
         compute_update: ComputeUpdate,
         release_log: ShareReleaseLog | None = None,
         engine: MaskEngine | None = None,
+        noise: DistributedNoise | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.client_id = client_id
         self.masking = masking
+        #: User-level DP: this client's Skellam share is added before masking.
+        self.noise = noise
         self.min_cohort = min_cohort
         self._signing_key = signing_key
         self.registry = registry
@@ -251,7 +257,9 @@ class SecAggClient:
             raise SecAggAbort("wrong participants: the list must be strictly ascending ids")
         if self.client_id not in ids:
             raise SecAggAbort("wrong recipient: this client is not among the participants")
-        self.params = derive_params(self.masking, n=len(ids), min_cohort=self.min_cohort)
+        self.params = derive_params(
+            self.masking, n=len(ids), min_cohort=self.min_cohort, noise=self.noise
+        )
         self.participants = ids
         self._model_hash = bytes(msg.model_hash)
         self._weights = msg.weights
@@ -464,6 +472,25 @@ class SecAggClient:
             raise SecAggAbort(
                 f"wrong length: update has shape {delta.shape}, model has {self._weights.size}"
             )
+        noise_share: np.ndarray | None = None
+        if self.noise is not None:
+            # user-level DP: clip to C with the weight folded in, then encode with weight 1
+            if params.weighting != "uniform":
+                raise SecAggAbort("user-level DP needs uniform SecAgg weights (weight folded in)")
+            try:
+                delta = self.noise.client_value(delta, num_samples)
+            except PrivacyError as exc:
+                raise SecAggAbort(f"cannot privatise the update: {exc}") from None
+            num_samples = 1
+            noise_share = self.noise.client_noise(
+                self.randomness.stream(
+                    "secagg.dp_noise",
+                    round_index=self.round,
+                    attempt=self.attempt,
+                    party=self._party,
+                ),
+                params.threshold,
+            )
         weight = client_weight(params, num_samples)
         rounding = self.randomness.stream(
             "secagg.rounding", round_index=self.round, attempt=self.attempt, party=self._party
@@ -479,6 +506,11 @@ class SecAggClient:
             sub_seeds=minus,
             fill=encoding_fill(params, delta, weight, rounding, self.engine.chunk_words),
         )
+        if noise_share is not None:
+            # Skellam share in Z_{2^b}: int64 -> word wraps modulo 2^64 or 2^32, then mod 2^b
+            view = out[: noise_share.size]
+            np.add(view, noise_share.astype(out.dtype), out=view)
+            noise_share.fill(0)  # whoever learns a share can subtract it from the sum
         reduce_mod(out, params.bits)
         # The pairwise seeds are not needed again: the server recovers a dropped peer's masks
         # from that peer's key s, never from ours.

@@ -16,7 +16,7 @@ import hashlib
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -25,6 +25,15 @@ from secfl.errors import ConfigError
 
 #: Fixed-point fraction bits used by stochastic rounding (see encoding).
 ROUNDING_FRACTION_BITS = 32
+
+
+class NoiseHeadroom(Protocol):
+    """Distributed DP noise the integer sum must hold besides the encoded values
+    (:class:`secfl.privacy.distributed.DistributedNoise`)."""
+
+    def sum_magnitude_bound(self, n: int, threshold: int) -> int:
+        """Bound on |noise| per coordinate of a sum of up to n shares."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -84,14 +93,19 @@ def default_neighbours(n: int) -> int:
     return k + (k % 2)
 
 
-def required_bits(n: int, weight_bound: int, resolution_bits: int) -> int:
-    """Smallest b with n * w_max * 2^(r-1) <= 2^(b-1) - 1 (the signed sum fits)."""
-    largest = n * weight_bound * 2 ** (resolution_bits - 1)
+def required_bits(n: int, weight_bound: int, resolution_bits: int, noise_bound: int = 0) -> int:
+    """Smallest b with n * w_max * 2^(r-1) + noise_bound <= 2^(b-1) - 1 (the signed sum
+    of n encoded values and the DP noise fits)."""
+    largest = n * weight_bound * 2 ** (resolution_bits - 1) + noise_bound
     return largest.bit_length() + 1
 
 
-def derive_params(masking: MaskingConfig, *, n: int, min_cohort: int) -> SecAggParams:
-    """Parameters for a round with ``n`` participants; ConfigError names what cannot hold."""
+def derive_params(
+    masking: MaskingConfig, *, n: int, min_cohort: int, noise: NoiseHeadroom | None = None
+) -> SecAggParams:
+    """Parameters for a round with ``n`` participants; ConfigError names what cannot hold.
+
+    With distributed DP ``noise``, b also holds the noise of n shares (its tail bound)."""
     if n < 2:
         raise ConfigError(f"secure aggregation needs at least 2 participants, got n={n}")
     if masking.graph == "complete":
@@ -129,13 +143,16 @@ def derive_params(masking: MaskingConfig, *, n: int, min_cohort: int) -> SecAggP
             f"{masking.resolution_bits - 1} exceeds 2^30, the stochastic-rounding headroom; "
             "lower aggregation.masking.max_weight or resolution_bits"
         )
-    need = required_bits(n, weight_bound, masking.resolution_bits)
+    noise_bound = noise.sum_magnitude_bound(n, t) if noise is not None else 0
+    need = required_bits(n, weight_bound, masking.resolution_bits, noise_bound)
     bits = max(8, need) if masking.bits is None else masking.bits
     if need > bits or need > 64:
         raise ConfigError(
             f"aggregation.masking.bits={masking.bits if masking.bits is not None else 'auto'}: "
             f"the sum of n={n} clipped values weighted up to {weight_bound} at resolution "
-            f"2^{masking.resolution_bits - 1} needs {need} bits (allowed at most "
+            f"2^{masking.resolution_bits - 1}"
+            + (f" plus DP noise up to {noise_bound}" if noise_bound else "")
+            + f" needs {need} bits (allowed at most "
             f"{min(bits, 64)}); lower resolution_bits or max_weight, or raise bits (<= 64)"
         )
     return SecAggParams(

@@ -36,7 +36,7 @@ from secfl.secagg.client import SECRET_BYTES, pair_key
 from secfl.secagg.encoding import decode_mean
 from secfl.secagg.graph import build_neighbours, graph_seed
 from secfl.secagg.identity import IdentityRegistry
-from secfl.secagg.params import SecAggParams, derive_params
+from secfl.secagg.params import NoiseHeadroom, SecAggParams, derive_params
 from secfl.wire import WireMessage, decode_message
 
 register_event("secagg_stage", ("round", "attempt", "stage", "requested", "replied", "remaining"))
@@ -73,6 +73,7 @@ class SecAggServer:
         registry: IdentityRegistry | None = None,
         engine: MaskEngine | None = None,
         events: EventLog | None = None,
+        noise: NoiseHeadroom | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.participants = tuple(sorted(set(participants)))
@@ -88,7 +89,7 @@ class SecAggServer:
         self.engine = engine if engine is not None else MaskEngine(threads=masking.threads)
         try:
             self.params: SecAggParams = derive_params(
-                masking, n=len(self.participants), min_cohort=min_cohort
+                masking, n=len(self.participants), min_cohort=min_cohort, noise=noise
             )
         except SecflError as exc:
             raise SecAggAbort(f"cannot start round {round_index}: {exc}") from None

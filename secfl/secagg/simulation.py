@@ -18,8 +18,9 @@ import numpy as np
 from secfl.audit.events import EventLog
 from secfl.crypto.prg import MaskEngine
 from secfl.crypto.sign import SigningKey
-from secfl.errors import SecAggAbort
+from secfl.errors import PrivacyError, SecAggAbort
 from secfl.messages import FitIns
+from secfl.privacy.events import DpEvent
 from secfl.randomness import Randomness
 from secfl.secagg import messages as m
 from secfl.secagg.client import SecAggClient, ShareReleaseLog
@@ -31,6 +32,7 @@ from secfl.transport.base import Transport
 if TYPE_CHECKING:
     from secfl.client.app import ClientApp
     from secfl.config import MaskingConfig, RunConfig
+    from secfl.privacy.distributed import DistributedNoise
 
 
 def identity_key(randomness: Randomness, client_id: int) -> SigningKey:
@@ -51,10 +53,13 @@ class MaskingProtection:
         min_cohort: int,
         registry: IdentityRegistry,
         engine: MaskEngine | None = None,
+        user_level: DistributedNoise | None = None,
     ) -> None:
         self.masking = masking
         self.min_cohort = min_cohort
         self.registry = registry
+        #: User-level DP: clients add Skellam shares; the mean uses the fixed denominator.
+        self.user_level = user_level
         self.engine = engine if engine is not None else MaskEngine(threads=masking.threads)
         self.last_server: SecAggServer | None = None
 
@@ -74,6 +79,7 @@ class MaskingProtection:
                 registry=self.registry,
                 engine=self.engine,
                 events=ctx.events,
+                noise=self.user_level,
             )
             self.last_server = server
             while not server.done:
@@ -91,20 +97,57 @@ class MaskingProtection:
         result = server.result
         if result is None:  # pragma: no cover - done implies a result
             return None
+        mean = result.mean_update
+        dp_events: tuple[DpEvent, ...] = ()
+        if self.user_level is not None:
+            # every share has weight 1: total_weight = |U3|; fixed denominator instead
+            mean = (mean * (result.total_weight / self.user_level.denominator)).astype(np.float32)
+            dp_events = (
+                self.user_level.released_event(
+                    len(result.survivors),
+                    server.params.threshold,
+                    round_index=ctx.round,
+                    attempt=ctx.attempt,
+                ),
+            )
         return AggregateResult(
-            mean_update=result.mean_update,
+            mean_update=mean,
             total_weight=float(result.total_weight),
             survivors=result.survivors,
             dropped=result.dropped,
             train_loss=None,
+            dp_events=dp_events,
         )
 
 
 def build_protection(
-    config: RunConfig, clients: list[ClientApp], randomness: Randomness, events: EventLog
+    config: RunConfig,
+    clients: list[ClientApp],
+    randomness: Randomness,
+    events: EventLog,
+    *,
+    user_level: DistributedNoise | None = None,
 ) -> MaskingProtection:
-    """Give every simulated client its SecAgg state machine; return the server side."""
+    """Give every simulated client its SecAgg state machine; return the server side.
+
+    With user-level DP (``user_level``, Skellam shares) every party masks with the DP
+    clip: the per-coordinate range is ``clip_norm`` (implied by the L2 clip) and the weight
+    is folded into the value, so SecAgg weights are uniform."""
     masking = config.aggregation.masking
+    if user_level is not None:
+        if user_level.kind != "skellam":
+            raise PrivacyError(f"mode masking adds Skellam shares, not {user_level.kind}")
+        masking = masking.model_copy(
+            update={"clip_range": user_level.clip_norm, "weighting": "uniform"}
+        )
+        events.emit(
+            "privacy_notice",
+            message=(
+                "user-level DP under masking: aggregation.masking.clip_range and weighting are "
+                f"replaced by the L2 clip {user_level.clip_norm} and uniform SecAgg weights "
+                "(each client's weight is folded into its clipped value)"
+            ),
+        )
     min_cohort = config.aggregation.min_cohort
     keys = {app.client_id: identity_key(randomness, app.client_id) for app in clients}
     registry = IdentityRegistry({cid: key.public_bytes() for cid, key in keys.items()})
@@ -126,13 +169,16 @@ def build_protection(
             compute_update=_trainer(app),
             release_log=ShareReleaseLog(log_path),
             engine=engine,
+            noise=user_level,
         )
         app.register(m.AdvertiseKeysIns, machine.on_advertise_keys)
         app.register(m.ShareKeysIns, machine.on_share_keys)
         app.register(m.MaskedInputIns, machine.on_masked_input)
         app.register(m.ConsistencyCheckIns, machine.on_consistency_check)
         app.register(m.UnmaskIns, machine.on_unmask)
-    return MaskingProtection(masking, min_cohort=min_cohort, registry=registry, engine=engine)
+    return MaskingProtection(
+        masking, min_cohort=min_cohort, registry=registry, engine=engine, user_level=user_level
+    )
 
 
 def _trainer(app: ClientApp):  # type: ignore[no-untyped-def]

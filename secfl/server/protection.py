@@ -185,13 +185,21 @@ class PlaintextProtection:
 
 
 def build_plaintext_protection(
-    config: RunConfig, clients: list[ClientApp], randomness: Randomness, events: EventLog
+    config: RunConfig,
+    clients: list[ClientApp],
+    randomness: Randomness,
+    events: EventLog,
+    *,
+    user_level: CentralGaussianMechanism | None = None,
 ) -> PlaintextProtection:
-    """Builder for mode ``none`` (clients answer :class:`FitIns` out of the box)."""
+    """Builder for mode ``none`` (clients answer :class:`FitIns` out of the box); the
+    trusted server adds the central user-level noise (``user_level``) if configured."""
     message = (
         "aggregation.protection=none: the server sees every client update in clear; "
         "for baselines and trusted-server research only"
     )
     warnings.warn(message, PlaintextModeWarning, stacklevel=2)
     events.emit("warning", message=message)
-    return PlaintextProtection(user_level=central_mechanism(config))
+    if user_level is None:
+        user_level = central_mechanism(config)
+    return PlaintextProtection(user_level=user_level)

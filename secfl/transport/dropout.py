@@ -29,6 +29,7 @@ MODE_STAGES: dict[str, frozenset[str]] = {
     "masking": frozenset(
         {"advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask"}
     ),
+    "ckks": frozenset({"encrypted_input"}),
 }
 
 
