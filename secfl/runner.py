@@ -149,9 +149,13 @@ def run(
 
     randomness = Randomness(config.security.randomness, config.seed)
     events = EventLog(folder / rundir.EVENTS_NAME, clock=clock)
+    threads = torch.get_num_threads()
+    if config.simulation.torch_threads is not None:
+        torch.set_num_threads(config.simulation.torch_threads)
     try:
         return _run(config, folder, randomness, events, checkpoint, progress, clock, stop_after)
     finally:
+        torch.set_num_threads(threads)
         events.close()
 
 
