@@ -242,9 +242,8 @@ def train_dp_sgd(
     if n < 1:
         raise PrivacyError(f"{party} has no records to train on")
     engine = engine or PerSampleGradients(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    sizes = [p.numel() for p in params]
-    total_size = sum(sizes)
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    total_size = sum(p.numel() for _, p in named)
     expected_batch = settings.sample_rate * n
     noise_std = settings.noise_multiplier * settings.max_grad_norm
     model.train()
@@ -256,15 +255,22 @@ def train_dp_sgd(
             summed = result.grads
             losses.append(result.loss_sum / batch.numel())
         else:
-            summed = {
-                k: torch.zeros_like(p) for k, p in model.named_parameters() if p.requires_grad
-            }
-        noise = gaussian_noise(noise_stream, total_size).mul_(noise_std)
+            summed = {k: torch.zeros_like(p) for k, p in named}
+        # one secfl-gauss/1 draw for every coordinate, scaled in float64 and added in place
+        # to the engine's fresh clipped sums, which become the parameters' gradients
+        noise = gaussian_noise(noise_stream, total_size).mul_(noise_std / expected_batch)
         offset = 0
-        named = [k for k, p in model.named_parameters() if p.requires_grad]
-        for name, p, size in zip(named, params, sizes, strict=True):
-            chunk = noise[offset : offset + size].view_as(p).to(p.dtype)
-            p.grad = (summed[name] + chunk) / expected_batch
+        for name, p in named:
+            grad = summed[name]
+            if grad.shape != p.shape or grad.dtype != p.dtype:
+                raise PrivacyError(
+                    f"the per-sample engine returned a {grad.dtype} gradient of shape "
+                    f"{tuple(grad.shape)} for {name}, a {p.dtype} parameter of shape "
+                    f"{tuple(p.shape)}"
+                )
+            size = p.numel()
+            grad.div_(expected_batch).add_(noise[offset : offset + size].view_as(grad))
+            p.grad = grad
             offset += size
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -203,7 +203,8 @@ class _Matmul:
     :meth:`from_per_sample` wraps per-record gradients built another way."""
 
     def __init__(self, g: torch.Tensor, x: torch.Tensor) -> None:
-        self.g, self.x = g, x
+        self.g: torch.Tensor | None = g
+        self.x: torch.Tensor | None = x
         t, p, d = x.shape[2], x.shape[1], g.shape[1]
         self.per_sample: torch.Tensor | None = None  # (B, d, p)
         if t == 1:
@@ -211,6 +212,7 @@ class _Matmul:
         elif _materialise_cheaper(t, p, d):
             self.per_sample = torch.bmm(g, x.transpose(1, 2))
             self.norm2 = self.per_sample.flatten(1).pow(2).sum(1)
+            self.g = self.x = None  # not needed for the clipped sum
         else:
             gram_x = torch.bmm(x.transpose(1, 2), x)
             gram_g = torch.bmm(g.transpose(1, 2), g)
@@ -220,6 +222,7 @@ class _Matmul:
     def from_per_sample(cls, per_sample: torch.Tensor) -> _Matmul:
         """From materialised per-record gradients ``(B, d, p)``."""
         self = cls.__new__(cls)
+        self.g = self.x = None
         self.per_sample = per_sample
         self.norm2 = per_sample.flatten(1).pow(2).sum(1)
         return self
@@ -229,6 +232,8 @@ class _Matmul:
         if self.per_sample is not None:
             batch, d, p = self.per_sample.shape
             return (factor @ self.per_sample.reshape(batch, d * p)).reshape(d, p)
+        if self.g is None or self.x is None:
+            raise LayerwiseUnsupported("neither per-record gradients nor their factors kept")
         scaled = (self.g * factor[:, None, None]).transpose(0, 1).flatten(1)  # (d, B T)
         return scaled @ self.x.transpose(1, 2).flatten(0, 1)
 
@@ -366,16 +371,20 @@ class LayerwiseClipping:
         trainable parameter, with ``grad_i`` the gradient of record i's cross-entropy."""
         loss_sum, out_grads = self._forward_backward(x, y)
         with torch.no_grad():
-            terms = [
-                self._layer_terms(c, g) for c, g in zip(self._captures, out_grads, strict=True)
-            ]
+            # Each layer's input and output gradient is dropped as soon as its terms exist
+            # (only the Gram and single-position identities keep them for the clipped sum),
+            # so the activation-sized tensors are freed layer by layer, as in a plain
+            # backward pass, rather than all at the end of the step.
+            terms = []
+            out_grads.reverse()
+            for c in self._captures:
+                terms.append(self._layer_terms(c, out_grads.pop()))
+                c.activation = None
             norms = torch.sqrt(torch.stack([t[0] for t in terms]).sum(0))
             factor = (max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
             grads: dict[str, torch.Tensor] = {}
             for _, clipped in terms:
                 grads.update(clipped(factor))
-        for c in self._captures:
-            c.activation = None
         return ClippedSum(grads=grads, norms=norms, loss_sum=loss_sum)
 
     def per_sample_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

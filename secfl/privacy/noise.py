@@ -44,21 +44,27 @@ def keystream_uniforms(stream: RandomStream, count: int) -> np.ndarray:
     """Steps 1-3: ``count`` float64 uniforms on [0, 1) from a fresh AES-CTR expansion."""
     key = stream.bytes(32)
     raw = AesCtrDrbg(key).read(8 * count)
-    words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-    return (words >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+    words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)  # native order: one copy
+    np.right_shift(words, np.uint64(11), out=words)
+    uniforms = words.astype(np.float64)
+    uniforms *= 2.0**-53  # exact: a power of two
+    return uniforms
 
 
 def gaussian_noise(stream: RandomStream, size: int) -> torch.Tensor:
-    """``size`` standard normal float64 values by construction ``secfl-gauss/1``."""
+    """``size`` standard normal float64 values by construction ``secfl-gauss/1``.
+
+    Step 4 runs in place on the uniforms' buffer (it is ours) and writes ``z`` straight into
+    the result: one float64 array besides the keystream and the result, where the
+    out-of-place form built five."""
     if size < 0:
         raise PrivacyError(f"noise size must be >= 0, got {size}")
     half = (size + 1) // 2
     uniforms = torch.from_numpy(keystream_uniforms(stream, 2 * half))
-    radius = torch.neg(uniforms[:half]).add_(1.0).log_().mul_(-2.0).sqrt_()
-    angle = uniforms[half:].mul(2.0 * math.pi)
+    radius = uniforms[:half].neg_().add_(1.0).log_().mul_(-2.0).sqrt_()
+    angle = uniforms[half:].mul_(2.0 * math.pi)
     out = torch.empty(2 * half, dtype=torch.float64)
     torch.cos(angle, out=out[:half])
-    torch.sin(angle, out=out[half:])
     out[:half].mul_(radius)
-    out[half:].mul_(radius)
+    torch.mul(angle.sin_(), radius, out=out[half:])
     return out[:size]
