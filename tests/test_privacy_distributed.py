@@ -193,3 +193,21 @@ def test_invalid_distributed_settings_fail_clearly(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"aggregation\.ckks\.clip_range=1\.0 is too small"):
         run(small_range, tmp_path / "bad")
+
+
+def test_secure_examples_validate_and_the_readme_runs_the_secure_job() -> None:
+    from secfl.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    secure = load_config(root / "examples" / "digits_secure.yaml")
+    assert secure.aggregation.protection == "masking"
+    assert secure.privacy.sample_level is not None and secure.privacy.user_level is not None
+    dp = load_config(root / "examples" / "digits_dp.yaml")
+    for key in ("data", "model", "client", "server", "rounds", "seed"):
+        assert getattr(secure, key) == getattr(dp, key), key
+    assert secure.privacy.sample_level == dp.privacy.sample_level
+    mnist = load_config(root / "examples" / "mnist1d_user_dp_secagg.yaml")
+    assert mnist.data.num_clients == 1000 and mnist.aggregation.protection == "masking"
+    assert mnist.server.sampling.fraction == 0.1 and mnist.privacy.user_level is not None
+    readme = (root / "README.md").read_text()
+    assert "secfl run examples/digits_secure.yaml" in readme.split("## A short tour")[0]

@@ -122,12 +122,15 @@ def test_invalid_privacy_settings_fail_clearly(tmp_path: Path) -> None:
         run(config, tmp_path / "bad")
 
 
-def test_kill_and_resume_gives_identical_ledger_and_metrics(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protection", ["none", "masking"])
+def test_kill_and_resume_gives_identical_ledger_and_metrics(
+    tmp_path: Path, protection: str
+) -> None:
     config = _dp_config(
         sample_level={"noise_multiplier": 1.2, "sample_rate": 0.25},
         user_level={"noise_multiplier": 0.05, "delta": 1e-3, "clip_norm": 5.0},
         accountant={"sample_level": "opacus_rdp", "user_level": "opacus_rdp"},
-    ).with_overrides(rounds=4)
+    ).with_overrides(rounds=4, **{"aggregation.protection": protection})
     whole = run(config, tmp_path / "whole")
     run(config, tmp_path / "split", stop_after=2)
     resumed = run(config, tmp_path / "split", resume=True)
