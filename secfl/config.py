@@ -371,6 +371,158 @@ class EvaluationConfig(StrictModel):
     batch_size: PositiveInt = 1024
 
 
+# ---------------------------------------------------------------------------- trust
+
+#: Metrics the trust module compares each participant with the trusted party on.
+TrustMetric = Literal["cosine", "distance", "norm_ratio"]
+
+
+class TrustVoteConfig(StrictModel):
+    """``trust.vote``: the rules scoring each participant and their weights (DESIGN 4).
+
+    Rules come from :mod:`secfl.trust.vote`'s registry (built in: ``reference``, ``peer``,
+    ``reputation``); a rule left out of ``weights`` keeps its default weight. The defaults
+    let the server's reference dominate and peer agreement only break ties, so colluders
+    who agree with each other cannot elect one of themselves."""
+
+    rules: list[str] = Field(default_factory=lambda: ["reference", "peer", "reputation"])
+    weights: dict[str, Annotated[float, Field(ge=0, le=1000)]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_rules(self) -> TrustVoteConfig:
+        from secfl.trust.vote import registered_vote_rules
+
+        known = registered_vote_rules()
+        if not self.rules:
+            raise ValueError(f"trust.vote.rules must name at least one of {sorted(known)}")
+        if len(set(self.rules)) != len(self.rules):
+            raise ValueError("trust.vote.rules lists a rule twice")
+        for name in self.rules:
+            if name not in known:
+                raise ValueError(
+                    f"trust.vote.rules: unknown rule {name!r}; allowed {sorted(known)}"
+                )
+        for name in self.weights:
+            if name not in self.rules:
+                raise ValueError(
+                    f"trust.vote.weights names {name!r}, which is not in trust.vote.rules "
+                    f"{self.rules}"
+                )
+        return self
+
+
+class TrustCompareConfig(StrictModel):
+    """``trust.compare``: what each participant is measured on against the trusted party."""
+
+    metrics: list[TrustMetric] = Field(default_factory=lambda: list(get_args(TrustMetric)))
+
+    @model_validator(mode="after")
+    def _some_metric(self) -> TrustCompareConfig:
+        if not self.metrics or len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(
+                "trust.compare.metrics must list each of cosine, distance, norm_ratio at most "
+                "once, and at least one"
+            )
+        return self
+
+
+class TrustThresholdConfig(StrictModel):
+    """``trust.threshold``: ``mad`` flags a participant whose metric lies beyond median
+    +- k * 1.4826 * MAD over the round (cosine below, distance and norm ratio above), the
+    spread floored at ``min_spread`` (absolute for cosine, relative to the median for the
+    others); ``fixed`` uses ``cosine_min``, ``distance_max``, ``norm_ratio_max``."""
+
+    kind: Literal["mad", "fixed"] = "mad"
+    k: Annotated[float, Field(gt=0, le=100)] = 3.0
+    min_spread: Annotated[float, Field(ge=0, le=10)] = 0.1
+    cosine_min: Annotated[float, Field(ge=-1, le=1)] | None = None
+    distance_max: PositiveFloat | None = None
+    norm_ratio_max: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _keys_for_kind(self) -> TrustThresholdConfig:
+        fixed = {
+            "cosine_min": self.cosine_min,
+            "distance_max": self.distance_max,
+            "norm_ratio_max": self.norm_ratio_max,
+        }
+        given = sorted(k for k, v in fixed.items() if v is not None)
+        if self.kind == "mad" and given:
+            raise ValueError(f"trust.threshold {given} need kind 'fixed', got kind 'mad'")
+        if self.kind == "fixed" and not given:
+            raise ValueError(
+                "trust.threshold kind 'fixed' needs at least one of cosine_min, distance_max, "
+                "norm_ratio_max"
+            )
+        return self
+
+
+class TrustReputationConfig(StrictModel):
+    """``trust.reputation``: per-client score in [0, 1]; times ``decay`` when flagged, plus
+    ``recovery`` (capped at 1) when kept."""
+
+    initial: Annotated[float, Field(ge=0, le=1)] = 1.0
+    decay: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    recovery: Annotated[float, Field(ge=0, le=1)] = 0.05
+
+
+class TrustReferenceConfig(StrictModel):
+    """``trust.reference``: the server's update on ``data.shared`` (FLTrust's root update):
+    ``steps`` plain SGD steps of ``batch_size`` from the global model; ``lr`` defaults to
+    ``client.lr``."""
+
+    steps: Annotated[int, Field(ge=1, le=10_000)] = 10
+    lr: Annotated[float, Field(gt=0, le=10)] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 32
+
+
+class TrustSybilConfig(StrictModel):
+    """``trust.sybil``: clients whose updates have pairwise cosine >= ``cosine`` form a
+    near-duplicate cluster: their vote score is zero and, with ``flag``, they are flagged."""
+
+    cosine: Annotated[float, Field(gt=0, le=1)] = 0.99
+    flag: bool = True
+
+
+class TrustRobustConfig(StrictModel):
+    """Parameters of the baseline robust aggregators (``secfl.trust.baselines``): ``f``
+    assumed Byzantine clients (Krum; default the most the round tolerates, (n - 3) // 2),
+    ``multi_krum_m`` selected updates (default n - f), ``trim_beta`` trimmed per side,
+    centered clipping's radius ``clip_tau`` (default the round's median distance to the
+    centre) and ``clip_iterations``."""
+
+    f: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    multi_krum_m: PositiveInt | None = None
+    trim_beta: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
+    clip_tau: PositiveFloat | None = None
+    clip_iterations: Annotated[int, Field(ge=1, le=100)] = 1
+
+
+class TrustConfig(StrictModel):
+    """``trust``: the server's defense against poisoned updates (DESIGN 4, ``docs/trust.md``).
+
+    ``vote`` elects a trusted party and flags outliers against it; the others are baseline
+    robust aggregators; ``none`` turns the module off."""
+
+    defense: Literal[
+        "vote",
+        "krum",
+        "multi_krum",
+        "median",
+        "trimmed_mean",
+        "centered_clipping",
+        "fltrust",
+        "none",
+    ] = "vote"
+    vote: TrustVoteConfig = Field(default_factory=TrustVoteConfig)
+    compare: TrustCompareConfig = Field(default_factory=TrustCompareConfig)
+    threshold: TrustThresholdConfig = Field(default_factory=TrustThresholdConfig)
+    reputation: TrustReputationConfig = Field(default_factory=TrustReputationConfig)
+    reference: TrustReferenceConfig = Field(default_factory=TrustReferenceConfig)
+    sybil: TrustSybilConfig = Field(default_factory=TrustSybilConfig)
+    robust: TrustRobustConfig = Field(default_factory=TrustRobustConfig)
+
+
 # ---------------------------------------------------------------------------- run
 
 
@@ -387,6 +539,7 @@ class RunConfig(StrictModel):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    trust: TrustConfig | None = None
 
     @model_validator(mode="after")
     def _privacy_fits_run(self) -> RunConfig:

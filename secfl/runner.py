@@ -37,6 +37,7 @@ from secfl.server.optimizers import make_server_optimizer
 from secfl.server.protection import Protection
 from secfl.transport.dropout import with_simulated_dropouts
 from secfl.transport.inprocess import InProcessTransport
+from secfl.trust.defense import TrustModule, build_trust
 
 
 @dataclass(eq=False)
@@ -74,13 +75,17 @@ def make_protection(
     events: EventLog,
     *,
     user_level: UserLevelMechanism | None = None,
+    trust: TrustModule | None = None,
 ) -> Protection:
     """The server side of the configured protection mode; the builder also equips the
     simulated clients with their side of the protocol (each role keeps its own state) and
-    with the user-level DP mechanism (central noise, or each client's noise share)."""
+    with the user-level DP mechanism (central noise, or each client's noise share), and
+    gives the server the trust module (``trust``; a mode without it yet refuses one)."""
     module_name, _, attribute = _PROTECTION_BUILDERS[config.aggregation.protection].partition(":")
     builder = getattr(importlib.import_module(module_name), attribute)
-    protection: Protection = builder(config, clients, randomness, events, user_level=user_level)
+    protection: Protection = builder(
+        config, clients, randomness, events, user_level=user_level, trust=trust
+    )
     return protection
 
 
@@ -200,12 +205,22 @@ def _run(
         randomness=randomness,
         events=events,
     )
+    # The server's reference update trains a copy of the global model on data.shared.
+    trust = build_trust(
+        config,
+        model_factory=model_factory,
+        shared=data.shared,
+        randomness=randomness,
+        events=events,
+    )
     optimizer = make_server_optimizer(config.server, weights.size)
     server = FederatedServer(
         config=config,
         weights=weights,
         optimizer=optimizer,
-        protection=make_protection(config, clients, randomness, events, user_level=user_level),
+        protection=make_protection(
+            config, clients, randomness, events, user_level=user_level, trust=trust
+        ),
         transport=transport,
         client_ids=[c.client_id for c in clients],
         randomness=randomness,
@@ -247,6 +262,8 @@ def _run(
         )
         history = list(checkpoint.state["history"])
         privacy.load_state(checkpoint.state.get("privacy"))
+        if trust is not None:
+            trust.load_state(checkpoint.state.get("trust"), checkpoint.arrays)
         first_round = checkpoint.round + 1
         events.emit("run_resumed", from_round=checkpoint.round)
 
@@ -281,8 +298,13 @@ def _run(
                     arrays={
                         "global": server.weights,
                         **{f"opt.{k}": v for k, v in optimizer.state_dict().items()},
+                        **(trust.arrays() if trust is not None else {}),
                     },
-                    state={"history": history, "privacy": privacy.state()},
+                    state={
+                        "history": history,
+                        "privacy": privacy.state(),
+                        **({"trust": trust.state()} if trust is not None else {}),
+                    },
                 ),
             )
             events.emit("checkpoint_written", round=round_index, sha256=digest)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from secfl.audit.events import EventLog
 from secfl.crypto import ckks
 from secfl.crypto.sign import SigningKey
-from secfl.errors import PrivacyError
+from secfl.errors import ConfigError, PrivacyError
 from secfl.he.client import CkksClient
 from secfl.he.decryptor import Decryptor, DecryptorPolicy
 from secfl.he.server import CkksProtection
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from secfl.client.app import ClientApp
     from secfl.config import RunConfig
     from secfl.privacy.distributed import DistributedNoise
+    from secfl.trust.defense import TrustModule
 
 
 def build_protection(
@@ -32,9 +33,15 @@ def build_protection(
     events: EventLog,
     *,
     user_level: DistributedNoise | None = None,
+    trust: TrustModule | None = None,
 ) -> CkksProtection:
     """Decryptor, clients and server of mode ``ckks``; with user-level DP (Gaussian shares)
     every client noises its update for sums of at least ``aggregation.min_cohort``."""
+    if trust is not None:
+        raise ConfigError(
+            f"trust.defense={trust.defense!r} is not implemented yet for this mode "
+            "(aggregation.protection=ckks); use protection 'none' or trust.defense 'none'"
+        )
     settings = config.aggregation.ckks
     min_cohort = config.aggregation.min_cohort
     if user_level is not None:

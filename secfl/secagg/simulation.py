@@ -18,7 +18,7 @@ import numpy as np
 from secfl.audit.events import EventLog
 from secfl.crypto.prg import MaskEngine
 from secfl.crypto.sign import SigningKey
-from secfl.errors import PrivacyError, SecAggAbort
+from secfl.errors import ConfigError, PrivacyError, SecAggAbort
 from secfl.messages import FitIns
 from secfl.privacy.events import DpEvent
 from secfl.randomness import Randomness
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from secfl.client.app import ClientApp
     from secfl.config import MaskingConfig, RunConfig
     from secfl.privacy.distributed import DistributedNoise
+    from secfl.trust.defense import TrustModule
 
 
 def identity_key(randomness: Randomness, client_id: int) -> SigningKey:
@@ -127,12 +128,18 @@ def build_protection(
     events: EventLog,
     *,
     user_level: DistributedNoise | None = None,
+    trust: TrustModule | None = None,
 ) -> MaskingProtection:
     """Give every simulated client its SecAgg state machine; return the server side.
 
     With user-level DP (``user_level``, Skellam shares) every party masks with the DP
     clip: the per-coordinate range is ``clip_norm`` (implied by the L2 clip) and the weight
     is folded into the value, so SecAgg weights are uniform."""
+    if trust is not None:
+        raise ConfigError(
+            f"trust.defense={trust.defense!r} is not implemented yet for this mode "
+            "(aggregation.protection=masking); use protection 'none' or trust.defense 'none'"
+        )
     masking = config.aggregation.masking
     if user_level is not None:
         if user_level.kind != "skellam":

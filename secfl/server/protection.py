@@ -27,6 +27,7 @@ from secfl.wire import decode_message
 if TYPE_CHECKING:
     from secfl.client.app import ClientApp
     from secfl.config import RunConfig
+    from secfl.trust.defense import TrustModule
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,9 +118,16 @@ class PlaintextProtection:
 
     name = "none"
 
-    def __init__(self, user_level: CentralGaussianMechanism | None = None) -> None:
+    def __init__(
+        self,
+        user_level: CentralGaussianMechanism | None = None,
+        *,
+        trust: TrustModule | None = None,
+    ) -> None:
         #: Central user-level DP (trusted server): clip, weight, noise the sum.
         self.user_level = user_level
+        #: The trust module: flagged updates are excluded before the sum (DESIGN 4).
+        self.trust = trust
 
     def aggregate(
         self, transport: Transport, participants: list[int], ctx: RoundContext
@@ -159,6 +167,22 @@ class PlaintextProtection:
                         reason=reason,
                     )
                 continue
+            total_weight = total.total_weight
+            if self.trust is not None:
+                decision = self.trust.defend(
+                    {cid: r.update for cid, r in accepted.items()},
+                    {cid: float(r.num_samples) for cid, r in accepted.items()},
+                    global_weights=ctx.broadcast.weights,
+                    round_index=ctx.round,
+                    attempt=ctx.attempt,
+                    events=ctx.events,
+                )
+                for client_id, reason in decision.flagged.items():
+                    record_dropout(ctx, dropped, client_id, stage="trust", reason=reason)
+                    del accepted[client_id]
+                if not accepted:
+                    return None
+                mean, total_weight = decision.mean_update, decision.total_weight
             weights = np.array([r.num_samples for r in accepted.values()], dtype=np.float64)
             losses = np.array([r.train_loss for r in accepted.values()], dtype=np.float64)
             dp_events: tuple[DpEvent, ...] = ()
@@ -175,7 +199,7 @@ class PlaintextProtection:
                 dp_events = (event,)
             return AggregateResult(
                 mean_update=mean,
-                total_weight=total.total_weight,
+                total_weight=total_weight,
                 survivors=tuple(sorted(accepted)),
                 dropped=dropped,
                 train_loss=float(np.dot(weights, losses) / weights.sum()),
@@ -191,9 +215,11 @@ def build_plaintext_protection(
     events: EventLog,
     *,
     user_level: CentralGaussianMechanism | None = None,
+    trust: TrustModule | None = None,
 ) -> PlaintextProtection:
     """Builder for mode ``none`` (clients answer :class:`FitIns` out of the box); the
-    trusted server adds the central user-level noise (``user_level``) if configured."""
+    trusted server adds the central user-level noise (``user_level``) if configured and
+    applies the trust module (``trust``) to the plaintext updates before summing."""
     message = (
         "aggregation.protection=none: the server sees every client update in clear; "
         "for baselines and trusted-server research only"
@@ -202,4 +228,4 @@ def build_plaintext_protection(
     events.emit("warning", message=message)
     if user_level is None:
         user_level = central_mechanism(config)
-    return PlaintextProtection(user_level=user_level)
+    return PlaintextProtection(user_level=user_level, trust=trust)

@@ -1,0 +1,254 @@
+"""The adversary in simulation, mode ``none``: a transport wrapper around the clients.
+
+:class:`AdversarialTransport` sits between the server's protocol and the in-process clients
+(inside the dropout simulator, so it sees only the clients a round actually reached). For a
+round's :class:`~secfl.messages.FitIns` it
+
+1. points each malicious participant's training data at its poisoned copy (data attacks, in
+   the active rounds; the clean data otherwise),
+2. forwards the broadcast and lets every client train,
+3. in the active rounds decodes the malicious participants' replies (their own updates) and,
+   when the adversary is omniscient, the honest ones, has :meth:`Adversary.craft_round`
+   craft the malicious updates, and replaces each malicious reply by a :class:`FitRes` with
+   the same round, attempt, client, model hash, sample count and loss and the crafted update,
+4. logs every replaced update as an ``adversary_update`` event.
+
+The server's protocol is untouched: it receives bytes, as it would from real clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from secfl.attacks.adversary import (
+    ADAPTED_MODES,
+    Adversary,
+    malicious_count,
+    select_malicious,
+)
+from secfl.attacks.base import get_attack, load_plugin
+from secfl.audit.events import EventLog, read_events, register_event
+from secfl.data.datasets import Dataset
+from secfl.errors import ConfigError, MessageError
+from secfl.messages import FitIns, FitRes
+from secfl.randomness import Randomness
+from secfl.transport.base import Transport
+from secfl.wire import decode_message
+
+if TYPE_CHECKING:
+    from secfl.client.app import ClientApp
+    from secfl.config import AdversaryConfig, RunConfig
+
+register_event("adversary_selected", ("attack", "clients", "setting"))
+register_event("adversary_update", ("round", "attempt", "client", "attack"))
+
+
+def build_adversary(
+    config: AdversaryConfig,
+    client_ids: Sequence[int],
+    randomness: Randomness,
+    events: EventLog,
+) -> tuple[Adversary, bool]:
+    """The run's adversary, and whether its selection is new (not yet in the event log).
+
+    The malicious ids come from the ``adversary.select`` stream; a resumed run reuses the
+    ids its event log recorded (in ``os`` mode a fresh draw would change who is malicious
+    halfway through the run)."""
+    if config.plugin is not None:
+        load_plugin(config.plugin, config.attack)
+    attack = get_attack(config.attack, config.params)
+    count = malicious_count(len(client_ids), fraction=config.fraction, count=config.count)
+    rounds = (config.rounds[0], config.rounds[1]) if config.rounds else None
+    previous = _recorded_selection(events, config.attack)
+    if previous is not None:
+        if len(previous) != count or not set(previous) <= set(client_ids):
+            raise ConfigError(
+                f"the event log records malicious clients {previous}, which do not fit "
+                f"{count} malicious clients among {len(client_ids)}"
+            )
+        malicious = tuple(previous)
+    else:
+        malicious = select_malicious(client_ids, count, randomness.stream("adversary.select"))
+    adversary = Adversary(
+        attack=attack,
+        malicious=frozenset(malicious),
+        collusion=config.collusion,
+        omniscient=config.omniscient,
+        rounds=rounds,
+    )
+    return adversary, previous is None
+
+
+def _recorded_selection(events: EventLog, attack: str) -> list[int] | None:
+    if not events.path.exists():
+        return None
+    chosen: list[int] | None = None
+    for event in read_events(events.path):
+        if event.get("event") == "adversary_selected" and event.get("attack") == attack:
+            chosen = [int(c) for c in event["clients"]]
+    return chosen
+
+
+class AdversarialTransport:
+    """Wraps ``inner`` (the clients' transport); see the module docstring."""
+
+    def __init__(
+        self,
+        inner: Transport,
+        adversary: Adversary,
+        *,
+        randomness: Randomness,
+        events: EventLog,
+        clients: Mapping[int, ClientApp] | None = None,
+        announce: bool = True,
+    ) -> None:
+        self.inner = inner
+        self.adversary = adversary
+        self.randomness = randomness
+        self.events = events
+        #: Log ``adversary_selected`` (the ground truth for evaluations) at the first round.
+        self._announce = announce
+        #: (clean, poisoned) training data of each malicious client (data attacks only).
+        self._data: dict[int, tuple[Dataset, Dataset]] = {}
+        self._clients: dict[int, ClientApp] = {}
+        if adversary.poisons_data:
+            for client_id in sorted(adversary.malicious):
+                if clients is None or client_id not in clients:
+                    raise ConfigError(
+                        f"attack {adversary.attack.name!r} poisons data: malicious client "
+                        f"{client_id} must be a simulated ClientApp"
+                    )
+                client = clients[client_id]
+                self._clients[client_id] = client
+                self._data[client_id] = (client.data, adversary.poison_dataset(client.data))
+
+    def exchange(self, requests: Mapping[int, bytes]) -> dict[int, bytes | None]:
+        if not requests:
+            return {}
+        try:
+            broadcast = decode_message(next(iter(requests.values())))
+        except MessageError:
+            return self.inner.exchange(requests)
+        if not isinstance(broadcast, FitIns):
+            return self.inner.exchange(requests)
+        if self._announce:
+            self._announce = False
+            self.events.emit(
+                "adversary_selected",
+                attack=self.adversary.attack.name,
+                clients=sorted(self.adversary.malicious),
+                setting=self.adversary.describe(),
+            )
+        active = self.adversary.is_active(broadcast.round)
+        for client_id, (clean, poisoned) in self._data.items():
+            if client_id in requests:
+                self._clients[client_id].data = poisoned if active else clean
+        replies = self.inner.exchange(requests)
+        if not active:
+            return replies
+        return self._replace_malicious(broadcast, requests, replies)
+
+    def _replace_malicious(
+        self,
+        broadcast: FitIns,
+        requests: Mapping[int, bytes],
+        replies: dict[int, bytes | None],
+    ) -> dict[int, bytes | None]:
+        own: dict[int, FitRes] = {}
+        honest: dict[int, np.ndarray] = {}
+        for client_id, reply in replies.items():
+            res = _fit_result(reply, client_id, broadcast)
+            if res is None:
+                continue  # a dropped or failed client contributes nothing either way
+            if self.adversary.is_malicious(client_id):
+                own[client_id] = res
+            elif self.adversary.omniscient:
+                honest[client_id] = res.update
+        if not own:
+            return replies
+        crafted = self.adversary.craft_round(
+            broadcast.round,
+            broadcast.attempt,
+            num_participants=len(requests),
+            benign={c: r.update for c, r in own.items()},
+            honest=honest,
+            stream=self.randomness.stream(
+                "adversary.craft",
+                round_index=broadcast.round,
+                attempt=broadcast.attempt,
+                party="adversary",
+            ),
+        )
+        out = dict(replies)
+        for client_id in sorted(own):
+            update = crafted.updates[client_id]
+            out[client_id] = dataclasses.replace(own[client_id], update=update).to_bytes()
+            details: dict[str, Any] = {
+                "benign_norm": float(np.linalg.norm(own[client_id].update)),
+                "crafted_norm": float(np.linalg.norm(update)),
+                **crafted.notes[client_id],
+            }
+            self.events.emit(
+                "adversary_update",
+                round=broadcast.round,
+                attempt=broadcast.attempt,
+                client=client_id,
+                attack=self.adversary.attack.name,
+                **details,
+            )
+        return out
+
+
+def _fit_result(reply: bytes | None, client_id: int, broadcast: FitIns) -> FitRes | None:
+    """The client's :class:`FitRes` for this broadcast, or None (no reply, a failure, a
+    reply for another round or model)."""
+    if reply is None:
+        return None
+    try:
+        message = decode_message(reply)
+    except MessageError:
+        return None
+    if not isinstance(message, FitRes):
+        return None
+    if (message.round, message.attempt, message.client_id) != (
+        broadcast.round,
+        broadcast.attempt,
+        client_id,
+    ) or message.model_hash != broadcast.model_hash:
+        return None
+    return message
+
+
+def with_adversary(
+    inner: Transport,
+    config: RunConfig,
+    clients: Sequence[ClientApp],
+    *,
+    randomness: Randomness,
+    events: EventLog,
+) -> Transport:
+    """``inner`` itself without ``adversary:``, else an :class:`AdversarialTransport` over
+    the run's clients. Refuses protection modes that have no adapter yet."""
+    if config.adversary is None:
+        return inner
+    protection = config.aggregation.protection
+    if protection not in ADAPTED_MODES:
+        raise ConfigError(
+            f"adversary is not implemented yet for aggregation.protection={protection!r}; "
+            f"allowed: {sorted(ADAPTED_MODES)}"
+        )
+    adversary, new = build_adversary(
+        config.adversary, [c.client_id for c in clients], randomness, events
+    )
+    return AdversarialTransport(
+        inner,
+        adversary,
+        randomness=randomness,
+        events=events,
+        clients={c.client_id: c for c in clients},
+        announce=new,
+    )
