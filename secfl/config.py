@@ -361,6 +361,49 @@ class PrivacyConfig(StrictModel):
         return self
 
 
+class AdversaryConfig(StrictModel):
+    """``adversary``: simulated malicious clients that poison the model (DESIGN 7b,
+    ``docs/attacks.md``).
+
+    ``attack`` names a registered attack (:func:`secfl.attacks.registered_attacks`) built
+    with ``params``; ``plugin: "package.module:factory"`` imports an auditor's attack factory
+    here, at config time, and registers it under ``attack``. The malicious clients are the
+    first f of a permutation of the client ids drawn from the run's ``adversary.select``
+    stream, f = ``count`` or floor(``fraction`` * ``data.num_clients``), 1 <= f <= n/2.
+    ``collusion``: they craft together; ``omniscient``: they see the round's honest updates;
+    ``rounds: [first, last]``: the inclusive window in which they attack (null: always).
+    """
+
+    attack: str
+    fraction: Annotated[float, Field(gt=0, le=0.5)] | None = None
+    count: PositiveInt | None = None
+    collusion: bool = True
+    omniscient: bool = True
+    rounds: list[PositiveInt] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    plugin: str | None = None
+
+    @model_validator(mode="after")
+    def _attack_is_known(self) -> AdversaryConfig:
+        if (self.fraction is None) == (self.count is None):
+            raise ValueError("give exactly one of adversary.fraction or adversary.count")
+        if self.rounds is not None and (len(self.rounds) != 2 or self.rounds[0] > self.rounds[1]):
+            raise ValueError(
+                f"adversary.rounds={self.rounds} is not allowed: [first, last] with "
+                "1 <= first <= last, or null for every round"
+            )
+        try:
+            json.dumps(self.params, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"adversary.params must hold JSON values: {exc}") from None
+        from secfl.attacks.base import get_attack, load_plugin
+
+        if self.plugin is not None:
+            load_plugin(self.plugin, self.attack)
+        get_attack(self.attack, self.params)
+        return self
+
+
 class SecurityConfig(StrictModel):
     randomness: Literal["os", "seeded"] = "os"
 
@@ -539,6 +582,7 @@ class RunConfig(StrictModel):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    adversary: AdversaryConfig | None = None
     trust: TrustConfig | None = None
 
     @model_validator(mode="after")
@@ -565,6 +609,22 @@ class RunConfig(StrictModel):
                     f"below aggregation.min_cohort={self.aggregation.min_cohort}: a revealed "
                     "sum needs at least one honest noise share"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _adversary_fits_run(self) -> RunConfig:
+        adversary = self.adversary
+        if adversary is None:
+            return self
+        from secfl.attacks.adversary import ADAPTED_MODES, malicious_count
+
+        protection = self.aggregation.protection
+        if protection not in ADAPTED_MODES:
+            raise ValueError(
+                f"adversary is not implemented yet for aggregation.protection={protection!r}; "
+                f"allowed: {sorted(ADAPTED_MODES)}"
+            )
+        malicious_count(self.data.num_clients, fraction=adversary.fraction, count=adversary.count)
         return self
 
     def with_overrides(self, **dotted: Any) -> RunConfig:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from secfl.attacks.simulation import with_adversary
 from secfl.audit.events import EventLog, read_events
 from secfl.client.app import ClientApp
 from secfl.client.trainer import evaluate
@@ -199,7 +200,13 @@ def _run(
         for i, part in enumerate(data.clients)
     ]
     transport = with_simulated_dropouts(
-        InProcessTransport({c.client_id: c.handle for c in clients}),
+        with_adversary(
+            InProcessTransport({c.client_id: c.handle for c in clients}),
+            config,
+            clients,
+            randomness=randomness,
+            events=events,
+        ),
         config.simulation,
         protection=config.aggregation.protection,
         randomness=randomness,
