@@ -180,6 +180,11 @@ def test_colluders_are_not_counted_as_noise(tmp_path: Path) -> None:
     # six shares in the sum, two of them known to the server: four count
     assert event["noise_std"] == pytest.approx(math.sqrt(4) * plan.client_std(3))
     assert plan.client_std(3) == pytest.approx(plan.target_std)  # t - T = 1
+    from secfl.privacy.report import format_ledger, load_ledger
+
+    text = format_ledger(load_ledger(tmp_path / "run"))
+    assert "distributed skellam shares" in text and "up to 2 colluding" in text
+    assert "accountant secfl_rdp" in text
 
 
 def test_invalid_distributed_settings_fail_clearly(tmp_path: Path) -> None:

@@ -51,6 +51,15 @@ def format_ledger(document: dict[str, Any]) -> str:
             "  epsilon amplified, valid only for observers of the released model: "
             f"{_fmt(user['epsilon_amplified_model_observers'])}",
         ]
+        mechanism = document.get("user_level_mechanism") or {}
+        if mechanism.get("noise") == "distributed":
+            lines.append(
+                f"  noise: distributed {mechanism['kind']} shares from every client, sigma "
+                f"{mechanism['noise_multiplier']:.4f} x sensitivity {mechanism['sensitivity']:.6g}"
+                f", up to {mechanism['colluding_clients']} colluding clients' shares discounted"
+            )
+        elif mechanism.get("noise") == "central":
+            lines.append("  noise: central Gaussian, added by the (trusted) server")
     clients = cumulative.get("clients")
     if clients:
         lines += ["", "sample level (per client): client  n  delta  sigma  steps  epsilon"]
