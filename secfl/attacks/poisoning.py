@@ -97,7 +97,11 @@ class GaussianNoise:
         self.scale = _number("gaussian.scale", scale, low=0.0)
 
     def describe(self) -> dict[str, Any]:
-        return {"attack": self.name, "scale": self.scale, "std_of": "honest updates"}
+        return {
+            "attack": self.name,
+            "scale": self.scale,
+            "std_of": "honest updates (the colluders' own if not omniscient)",
+        }
 
     def craft(
         self, round_index: int, benign: Updates, honest: Updates, ctx: AttackContext
