@@ -8,7 +8,8 @@ the epsilon its ledger actually spent, the calibrated noise multiplier and the w
 No goal is attached (the issue asks for the figures); at 100 clients per round the noise
 on the mean is sigma * C / 100 per coordinate, which is what these accuracies measure.
 
-``--quick`` runs the same sizes with 6 of the 30 rounds (target epsilon over 6 rounds) (``details.rounds`` says so);
+``--quick`` runs the same sizes with 6 of the 30 rounds (the target epsilon is then
+spent over 6 rounds; ``details.rounds`` says so);
 ``--smoke`` runs 2 rounds with 200 clients (20 per round) for the tests.
 """
 
