@@ -98,14 +98,16 @@ def _step_timing(settings: BenchSettings) -> dict[str, Any]:
     dp_per_call = dp_settings.steps_per_round
     plain_steps()
     dp_steps()
-    plain_t, dp_t = [], []
+    plain_t, dp_t, plain_cpu, dp_cpu = [], [], [], []
     for _ in range(settings.repeats):  # interleaved: both see the same machine load
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         plain_steps()
         plain_t.append((time.perf_counter() - start) / steps)
-        start = time.perf_counter()
+        plain_cpu.append((time.process_time() - start_cpu) / steps)
+        start, start_cpu = time.perf_counter(), time.process_time()
         dp_steps()
         dp_t.append((time.perf_counter() - start) / dp_per_call)
+        dp_cpu.append((time.process_time() - start_cpu) / dp_per_call)
     params = sum(p.numel() for p in model.parameters())
     return {
         "ratio": median(dp_t) / median(plain_t),
@@ -113,6 +115,10 @@ def _step_timing(settings: BenchSettings) -> dict[str, Any]:
         "expected_batch": batch,
         "plain_step_s": median(plain_t),
         "dp_step_s": median(dp_t),
+        # the same ratio in this process's CPU time: what the machine's other jobs do to the
+        # wall clock (preemption on the shared cores) drops out; cache and memory-bandwidth
+        # sharing do not
+        "cpu_time_ratio": median(dp_cpu) / median(plain_cpu),
         "engine": engine.engine_name,
         "fallback_reason": engine.fallback_reason,
         "noise": CONSTRUCTION + ", OS CSPRNG stream",

@@ -15,8 +15,10 @@ Goodfellow 2015 for the linear-layer norm identity) with reuse of the captured t
    * ``Linear`` without positions: ``||g_i a_i^T||^2 = ||a_i||^2 ||g_i||^2``;
    * ``Linear`` over positions and ``Conv1d``/``Conv2d`` (inputs unfolded to patches
      ``U_i``, T positions, p = C_in k, d = C_out): the per-record gradient
-     ``g_i U_i^T`` is formed by one batched matmul when ``T p d <= T^2 (p + d)``,
-     otherwise the Gram identity ``sum_{t,t'} (U_i^T U_i)_{tt'} (g_i^T g_i)_{tt'}`` is used;
+     ``g_i U_i^T`` is materialised when ``T p d <= T^2 (p + d)`` (for a convolution with
+     ``C_in >= GROUPED_MIN_IN_CHANNELS`` by one grouped-convolution backward with the batch
+     folded into the groups, otherwise by patches and one batched matmul), else the Gram
+     identity ``sum_{t,t'} (U_i^T U_i)_{tt'} (g_i^T g_i)_{tt'}`` is used;
    * ``GroupNorm``'s affine parameters: closed form from the normalised input;
 
 4. the clip factors ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' flat clipping)
