@@ -612,6 +612,25 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _trust_fits_ckks(self) -> RunConfig:
+        trust = self.trust
+        if trust is None or trust.defense == "none" or self.aggregation.protection != "ckks":
+            return self
+        if trust.defense != "vote":
+            raise ValueError(
+                f"trust.defense={trust.defense!r} is not available under "
+                "aggregation.protection='ckks': the server sees three flooded scalars per "
+                "client, not updates, so only the vote runs there; allowed: vote, none"
+            )
+        preset = self.aggregation.ckks.preset
+        if preset != "trust":
+            raise ValueError(
+                f"aggregation.ckks.preset={preset!r} cannot compute trust scalars: trust under "
+                "ckks needs the evaluation keys of preset 'trust'; allowed: trust"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _adversary_fits_run(self) -> RunConfig:
         adversary = self.adversary
         if adversary is None:

@@ -137,16 +137,16 @@ def test_parallel_and_serial_encryption_agree_and_sums_are_exact(
 
 
 def test_wide_prime_sums_equal_seal_exactly() -> None:
-    """The trust preset's 60- and 40-bit primes take the split (two 32-bit halves) path."""
+    """The trust preset's 60-bit primes take the split (two 32-bit halves) path."""
     trust = ckks.SecretContext(ckks.TRUST, seed=SEED)
-    assert trust.public.format.widths == (8, 5, 5)
+    assert trust.public.format.widths == (8, 8, 8)
     rng = np.random.default_rng(4)
-    xs = [rng.uniform(-1, 1, 9000) for _ in range(3)]
+    xs = [rng.uniform(-1, 1, 18000) for _ in range(3)]
     columns = [ckks.encrypt_vector(trust.public, x, parallel=False) for x in xs]
     weights = [1, 2**20 + 7, 65_535]
     ours = ckks.weighted_sum(trust.public, columns, weights)
     assert ours == trust.public.weighted_sum_seal(columns, weights)
-    got = np.concatenate([trust.decrypt(ct, 8192) for ct in ours])[:9000]
+    got = np.concatenate([trust.decrypt(ct, 16384) for ct in ours])[:18000]
     expected = sum(w * x for w, x in zip(weights, xs, strict=True))
     assert np.abs(got - expected).max() < 1e-3 * sum(weights)
 
@@ -280,12 +280,12 @@ def test_trust_preset_encrypted_inner_product_and_rotation() -> None:
     assert server.has_evaluation_keys and not client.has_evaluation_keys
     assert len(trust.server_context_bytes()) > 10 * len(trust.client_context_bytes())
     rng = np.random.default_rng(3)
-    x = rng.uniform(-1, 1, 10_000)
-    ref = rng.uniform(-1, 1, 10_000)
+    x = rng.uniform(-1, 1, 20_000)
+    ref = rng.uniform(-1, 1, 20_000)
     blobs = ckks.encrypt_vector(client, x, parallel=False)
     got = trust.decrypt_any_level(server.inner_product_plain(blobs, ref))[0]
     assert got == pytest.approx(float(x @ ref), abs=1e-3)
-    rotated = trust.decrypt(server.rotate(blobs[0], 1), 8192)
-    assert np.abs(rotated[:-2] - x[2:8192]).max() < 1e-5  # one complex slot = two reals
+    rotated = trust.decrypt(server.rotate(blobs[0], 1), 16384)
+    assert np.abs(rotated[:-2] - x[2:16384]).max() < 1e-5  # one complex slot = two reals
     with pytest.raises(CkksError, match="has exactly"):
         server.load_ciphertext(blobs[0] + b"x")

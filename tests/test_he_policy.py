@@ -39,7 +39,13 @@ class Harness:
     """A decryptor reached only through bytes, plus N signing clients."""
 
     def __init__(
-        self, tmp: Path, *, clip_range: float = 1.0, min_cohort: int = 3, seed: int = 7
+        self,
+        tmp: Path,
+        *,
+        clip_range: float = 1.0,
+        min_cohort: int = 3,
+        seed: int = 7,
+        preset: ckks.CkksPreset = ckks.AGGREGATION,
     ) -> None:
         self.events_path = tmp / "events.jsonl"
         self.events = EventLog(self.events_path)
@@ -47,7 +53,7 @@ class Harness:
             i: SigningKey.from_seed(bytes([i % 256, i // 256]) * 16) for i in range(N_CLIENTS)
         }
         self.decryptor = Decryptor(
-            ckks.AGGREGATION,
+            preset,
             DecryptorPolicy(
                 min_cohort=min_cohort,
                 max_weight_share=0.5,
@@ -61,7 +67,11 @@ class Harness:
         )
         reply = self.ask(ContextRequest(0, "client").to_bytes())
         assert isinstance(reply, ContextReply)
-        self.public = ckks.PublicContext(ckks.AGGREGATION, reply.context)
+        self.public = ckks.PublicContext(preset, reply.context)
+        #: The server's context (evaluation keys of the trust preset), for scalar digests.
+        server = self.ask(ContextRequest(0, "server").to_bytes())
+        assert isinstance(server, ContextReply)
+        self.server = ckks.PublicContext(preset, server.context)
 
     def ask(self, payload: bytes) -> object:
         return decode_message(self.decryptor.handle(payload))
@@ -193,38 +203,14 @@ def test_refuses_untraceable_and_unsigned_inputs(harness: Harness) -> None:
     assert reason == "a signature did not verify"
 
 
-def test_at_most_three_trust_scalars_per_client_per_round(harness: Harness) -> None:
-    rng = np.random.default_rng(5)
-    x, y, ref = rng.uniform(-1, 1, (3, 300))
-    ux, uy = harness.update(0, x, 10), harness.update(1, y, 10)
+def test_the_aggregation_preset_releases_no_trust_scalars(harness: Harness) -> None:
+    """Scalars are recomputed homomorphically; without evaluation keys they are refused (the
+    full scalar policy is in tests/test_trust_ckks.py)."""
+    ux = harness.update(0, np.full(30, 0.2), 10)
     empty = np.zeros(0, dtype=np.float32)
-    requests = {
-        "reference": ScalarRequest(1, 0, "reference", ux, ref.astype(np.float32), b""),
-        "norm": ScalarRequest(1, 0, "norm", ux, empty, b""),
-        "trusted": ScalarRequest(1, 0, "trusted", ux, empty, uy),
-    }
-    expected = {
-        "reference": float(x @ ref.astype(np.float32)),
-        "norm": float(x @ x),
-        "trusted": float(x @ y),
-    }
-    for kind, request in requests.items():
-        reply = harness.ask(request.to_bytes())
-        assert isinstance(reply, ScalarRelease), reply
-        assert reply.value == pytest.approx(expected[kind], abs=max(8 * reply.noise_sigma, 1e-6))
-        assert reply.value != expected[kind]  # flooded
-    fourth = harness.ask(ScalarRequest(1, 0, "norm", ux, empty, b"").to_bytes())
-    assert "at most three per client per round" in _refusal(fourth)
-    # another client may still get its scalars, but not against another trusted party
-    uz = harness.update(2, y, 10)
-    assert "elected client 1" in _refusal(
-        harness.ask(ScalarRequest(1, 0, "trusted", uy, empty, uz).to_bytes())
-    )
-    assert isinstance(
-        harness.ask(ScalarRequest(1, 0, "norm", uy, empty, b"").to_bytes()), ScalarRelease
-    )
-    refusals = [e for e in read_events(harness.events_path) if e["event"] == "ckks_refusal"]
-    assert [r["request"] for r in refusals] == ["ScalarRequest", "ScalarRequest"]
+    reply = harness.ask(ScalarRequest(1, 0, "norm", ux, empty, b"", b"").to_bytes())
+    assert "need aggregation.ckks.preset 'trust'" in _refusal(reply)
+    assert not isinstance(reply, ScalarRelease)
 
 
 def test_wrong_context_and_corrupted_updates_are_refused_with_reasons(tmp_path: Path) -> None:

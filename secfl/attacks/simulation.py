@@ -42,6 +42,7 @@ from secfl.wire import decode_message
 if TYPE_CHECKING:
     from secfl.client.app import ClientApp
     from secfl.config import AdversaryConfig, RunConfig
+    from secfl.he.messages import CkksFitIns
 
 register_event("adversary_selected", ("attack", "clients", "setting"))
 register_event("adversary_update", ("round", "attempt", "client", "attack"))
@@ -115,6 +116,8 @@ class AdversarialTransport:
         #: (clean, poisoned) training data of each malicious client (data attacks only).
         self._data: dict[int, tuple[Dataset, Dataset]] = {}
         self._clients: dict[int, ClientApp] = {}
+        #: Every simulated client (the ckks adapter reaches their CKKS sides' hooks).
+        self._apps: dict[int, ClientApp] = dict(clients or {})
         if adversary.poisons_data:
             for client_id in sorted(adversary.malicious):
                 if clients is None or client_id not in clients:
@@ -223,6 +226,130 @@ def _fit_result(reply: bytes | None, client_id: int, broadcast: FitIns) -> FitRe
     return message
 
 
+class CkksAdversarialTransport(AdversarialTransport):
+    """The adversary in mode ``ckks``: malicious clients craft *before* encrypting.
+
+    For a round's :class:`~secfl.he.messages.CkksFitIns` in an active round:
+
+    1. the honest participants are reached first; when the adversary is omniscient a tap on
+       each honest client's CKKS side records its trained plaintext update (simulation
+       only: the omniscient adversary's view, as mode ``none`` decodes replies);
+    2. the adversary trains its own participants (their poisoned data under a data attack),
+       has :meth:`Adversary.craft_round` craft their updates from those and the tapped
+       honest ones, and installs each crafted update as the malicious client's update
+       source;
+    3. the malicious participants are reached: each encrypts and signs its crafted update
+       with its own identity, exactly as an honest client encrypts its trained one.
+
+    Honest clients first, then the adversary's, both in client-id order: ``seeded`` runs
+    are deterministic. Every crafted update is logged as ``adversary_update``.
+    """
+
+    def exchange(self, requests: Mapping[int, bytes]) -> dict[int, bytes | None]:
+        from secfl.he.messages import CkksFitIns
+
+        if not requests:
+            return {}
+        try:
+            broadcast = decode_message(next(iter(requests.values())))
+        except MessageError:
+            return self.inner.exchange(requests)
+        if not isinstance(broadcast, CkksFitIns):
+            return self.inner.exchange(requests)
+        if self._announce:
+            self._announce = False
+            self.events.emit(
+                "adversary_selected",
+                attack=self.adversary.attack.name,
+                clients=sorted(self.adversary.malicious),
+                setting=self.adversary.describe(),
+            )
+        active = self.adversary.is_active(broadcast.round)
+        for client_id, (clean, poisoned) in self._data.items():
+            if client_id in requests:
+                self._clients[client_id].data = poisoned if active else clean
+        if not active:
+            return self.inner.exchange(requests)
+        return self._craft_round(broadcast, requests)
+
+    def _craft_round(
+        self, broadcast: CkksFitIns, requests: Mapping[int, bytes]
+    ) -> dict[int, bytes | None]:
+        from secfl.he.client import ckks_client_of
+
+        malicious = sorted(c for c in requests if self.adversary.is_malicious(c))
+        honest_ids = sorted(c for c in requests if c not in self.adversary.malicious)
+        sides = {}
+        for client_id in sorted(requests):
+            app = self._apps.get(client_id)
+            side = None if app is None else ckks_client_of(app)
+            if side is None:
+                raise ConfigError(f"client {client_id} has no simulated CKKS side to attack")
+            sides[client_id] = side
+        seen: dict[int, np.ndarray] = {}
+
+        def tap(ins: CkksFitIns, delta: np.ndarray, client_id: int) -> None:
+            if (ins.round, ins.attempt) == (broadcast.round, broadcast.attempt):
+                seen[client_id] = np.array(delta, dtype=np.float32)
+
+        try:
+            if self.adversary.omniscient:
+                for client_id in honest_ids:
+                    sides[client_id].tap = lambda ins, delta, c=client_id: tap(ins, delta, c)
+            replies = self.inner.exchange({c: requests[c] for c in honest_ids})
+        finally:
+            for client_id in honest_ids:
+                sides[client_id].tap = None
+        if not malicious:
+            return replies
+        fit = FitIns(
+            round=broadcast.round,
+            attempt=broadcast.attempt,
+            model_hash=broadcast.model_hash,
+            weights=broadcast.weights,
+        )
+        benign: dict[int, np.ndarray] = {}
+        samples: dict[int, int] = {}
+        for client_id in malicious:
+            delta, result = self._apps[client_id].train(fit)  # the adversary's own client
+            benign[client_id] = delta
+            samples[client_id] = result.num_samples
+        crafted = self.adversary.craft_round(
+            broadcast.round,
+            broadcast.attempt,
+            num_participants=len(requests),
+            benign=benign,
+            honest=seen,
+            stream=self.randomness.stream(
+                "adversary.craft",
+                round_index=broadcast.round,
+                attempt=broadcast.attempt,
+                party="adversary",
+            ),
+        )
+        try:
+            for client_id in malicious:
+                update = crafted.updates[client_id]
+                sides[client_id].source = lambda ins, u=update, n=samples[client_id]: (u, n)
+            replies.update(self.inner.exchange({c: requests[c] for c in malicious}))
+        finally:
+            for client_id in malicious:
+                sides[client_id].source = None
+        for client_id in malicious:
+            update = crafted.updates[client_id]
+            self.events.emit(
+                "adversary_update",
+                round=broadcast.round,
+                attempt=broadcast.attempt,
+                client=client_id,
+                attack=self.adversary.attack.name,
+                benign_norm=float(np.linalg.norm(benign[client_id])),
+                crafted_norm=float(np.linalg.norm(update)),
+                **crafted.notes[client_id],
+            )
+        return {c: replies.get(c) for c in requests}
+
+
 def with_adversary(
     inner: Transport,
     config: RunConfig,
@@ -244,7 +371,10 @@ def with_adversary(
     adversary, new = build_adversary(
         config.adversary, [c.client_id for c in clients], randomness, events
     )
-    return AdversarialTransport(
+    kind: type[AdversarialTransport] = AdversarialTransport
+    if protection == "ckks":
+        kind = CkksAdversarialTransport
+    return kind(
         inner,
         adversary,
         randomness=randomness,

@@ -93,6 +93,10 @@ class CkksPreset:
     galois_keys: bool
     precision: float
     summary: str = ""
+    #: Whether products are rescaled (``True``: every rescaling prime >= the scale). The
+    #: ``trust`` preset does not rescale: a product lives at scale 2^(2 scale_bits), which
+    #: keeps the fresh error relative to the message, so flooding stays small (docs/ckks.md).
+    rescale: bool = True
     data_bits: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +153,19 @@ def check_preset(preset: CkksPreset) -> None:
             f"preset {preset.name!r}: depth {preset.depth} needs at least {preset.depth + 1} "
             f"data primes, got {data_primes}"
         )
+    if preset.depth >= 1 and not preset.rescale:
+        product_bits = (preset.depth + 1) * preset.scale_bits
+        if product_bits + 8 > sum(bits[:-1]):
+            raise CkksParameterError(
+                f"preset {preset.name!r}: an unrescaled product at scale 2^{product_bits} "
+                f"leaves fewer than 8 bits of headroom in the {sum(bits[:-1])}-bit data modulus"
+            )
+        if bits[-1] < max(bits[:-1]):
+            raise CkksParameterError(
+                f"preset {preset.name!r}: the special prime ({bits[-1]} bits) must be at "
+                "least as large as every data prime for key switching to stay precise"
+            )
+        return
     if preset.depth >= 1:
         for b in bits[1:-1]:
             if b < preset.scale_bits:
@@ -188,17 +205,25 @@ AGGREGATION = CkksPreset(
     precision=1e-5,
     summary="add-only weighted sums; public key only, no evaluation keys",
 )
-#: Trust scalars: one product (scale 2^40, rescaled by a 40-bit prime), then rotations; the
-#: remaining 60+40-bit modulus leaves 2^59 of headroom for inner products of 1e6+ values.
+#: Trust scalars and sums from the same ciphertexts: N=16384, three 60-bit data primes
+#: (180 bits) and a 60-bit special prime (240 <= 438). Fresh scale 2^74 as for
+#: ``aggregation``, so a flooded sum meets 1e-4 x C; one ciphertext product (or a product with
+#: a plaintext encoded at 2^74) is *not* rescaled: it stays at scale 2^148, so its error is
+#: the fresh error times the other factor (no rescaling error at a 2^40 scale to flood), and
+#: the remaining 2^31 of headroom holds inner products up to 2^27 (checked per request).
+#: Version 2 of this preset (v1: N=8192, 60+40+40, scale 2^40 could not be flooded usefully:
+#: its flooded sum bound was 2e5 x C).
 TRUST = CkksPreset(
     name="trust",
-    poly_modulus_degree=8192,
-    coeff_modulus_bits=(60, 40, 40, 60),
-    scale_bits=40,
+    poly_modulus_degree=16384,
+    coeff_modulus_bits=(60, 60, 60, 60),
+    scale_bits=74,
     depth=1,
     galois_keys=True,
-    precision=1e-3,
-    summary="inner products with a plaintext reference and squared norms (Galois keys)",
+    precision=1e-4,
+    summary="sums plus trust scalars: inner products with a plaintext reference or another "
+    "ciphertext and squared norms (relinearisation + Galois keys)",
+    rescale=False,
 )
 PRESETS: dict[str, CkksPreset] = {p.name: p for p in (AGGREGATION, TRUST)}
 
@@ -778,16 +803,62 @@ class PublicContext:
         self.evaluator.rotate_vector_inplace(ct, steps, self.galois_keys)
         return self.to_wire(ct)  # same level and scale: still an SFCK v1 ciphertext
 
+    def _require_evaluation(self) -> None:
+        if self.galois_keys is None or self.relin_keys is None:
+            raise CkksError(
+                f"preset {self.preset.name!r} context has no evaluation keys; trust scalars "
+                "need aggregation.ckks.preset 'trust' and the server's context"
+            )
+
+    def scalar_capacity(self) -> float:
+        """Largest |scalar| an unrescaled product (scale 2^(2 scale_bits)) holds with a
+        factor-16 margin below Q/2 (the fresh error and the key-switching error fit in it)."""
+        return float(self.data_modulus) / 2.0 ** (2 * self.preset.scale_bits + 5)
+
+    def check_scalar_range(self, *, size: int, clip_range: float, other_norm: float) -> None:
+        """Refuse a scalar that could wrap modulo Q: ``sqrt(size) * clip_range * other_norm``
+        bounds |<x, y>| for x clipped to [-C, C] and ||y|| <= other_norm."""
+        bound = math.sqrt(size) * clip_range * other_norm
+        if not bound <= self.scalar_capacity():
+            raise CkksError(
+                f"a trust scalar of {size} values (clip_range {clip_range}, other norm "
+                f"{other_norm:.4g}) may reach {bound:.4g}, above the {self.scalar_capacity():.4g}"
+                f" preset {self.preset.name!r} holds; lower aggregation.ckks.clip_range"
+            )
+
+    def _sum_slots(self, acc: Any) -> bytes:
+        """Relinearise if needed, then rotate-and-sum: every slot holds the slot sum."""
+        if acc.size() > 2:
+            self.evaluator.relinearize_inplace(acc, self.relin_keys)
+        step = 1
+        while step < self.preset.poly_modulus_degree // 2:
+            rotated = seal.Ciphertext()
+            self.evaluator.rotate_vector(acc, step, self.galois_keys, rotated)
+            self.evaluator.add_inplace(acc, rotated)
+            step *= 2
+        return _save(acc)
+
+    def conjugates(self, data: Sequence[bytes]) -> list[Any]:
+        """The complex conjugates of ciphertexts (one Galois key switch each); the server
+        computes the trusted party's once per round and reuses them for every client."""
+        self._require_evaluation()
+        out = []
+        for blob in data:
+            conj = seal.Ciphertext()
+            self.evaluator.complex_conjugate(self.load_ciphertext(blob), self.galois_keys, conj)
+            out.append(conj)
+        return out
+
     def inner_product_plain(self, data: Sequence[bytes], reference: np.ndarray) -> bytes:
-        """Encrypted <x, reference> in slot 0's real part (one product, then rotations)."""
-        if self.galois_keys is None:
-            raise CkksError(f"preset {self.preset.name!r} context has no Galois keys")
+        """Encrypted <x, reference> in every slot's real part (SEAL serialisation, scale
+        2^(2 s)): sum_k z_k * conj(r_k) slot-wise, no rescale, then rotate-and-sum."""
+        self._require_evaluation()
         n = self.preset.params_per_ciphertext
         acc: Any = None
         for k, blob in enumerate(data):
             ct = self.load_ciphertext(blob)
             part = np.zeros(n)
-            chunk = reference[k * n : (k + 1) * n]
+            chunk = np.asarray(reference[k * n : (k + 1) * n], dtype=np.float64)
             part[: chunk.size] = chunk
             # Re(z * conj(r)) = x_even r_even + x_odd r_odd: the real inner product.
             plain = seal.Plaintext()
@@ -797,15 +868,42 @@ class PublicContext:
                 acc = ct
             else:
                 self.evaluator.add_inplace(acc, ct)
-        self.evaluator.rescale_to_next_inplace(acc)
-        slots = self.preset.poly_modulus_degree // 2
-        step = 1
-        while step < slots:
-            rotated = seal.Ciphertext()
-            self.evaluator.rotate_vector(acc, step, self.galois_keys, rotated)
-            self.evaluator.add_inplace(acc, rotated)
-            step *= 2
-        return _save(acc)
+        return self._sum_slots(acc)
+
+    def inner_product(self, data: Sequence[bytes], other: Sequence[Any]) -> bytes:
+        """Encrypted <x, y> (every slot's real part): ``other`` are y's conjugated ciphertexts
+        (:meth:`conjugates`); slot-wise products (ciphertext x ciphertext), summed, one
+        relinearisation, rotate-and-sum. No rescale (scale 2^(2 s))."""
+        self._require_evaluation()
+        if len(other) != len(data):
+            raise CkksError(f"inner product of {len(data)} and {len(other)} ciphertexts")
+        acc: Any = None
+        for blob, conj in zip(data, other, strict=True):
+            product = seal.Ciphertext()
+            self.evaluator.multiply(self.load_ciphertext(blob), conj, product)
+            if acc is None:
+                acc = product
+            else:
+                self.evaluator.add_inplace(acc, product)
+        return self._sum_slots(acc)
+
+    def squared_norm(self, data: Sequence[bytes]) -> bytes:
+        """Encrypted ||x||^2 = <x, x> (:meth:`inner_product` with its own conjugates)."""
+        return self.inner_product(data, self.conjugates(data))
+
+
+def trust_galois_elements(preset: CkksPreset) -> list[int]:
+    """SEAL Galois elements for left rotations by 1, 2, 4, ..., N/4 slots (3^step mod 2N)
+    and the complex conjugation (2N - 1)."""
+    m = 2 * preset.poly_modulus_degree
+    steps = [1 << i for i in range(int(math.log2(preset.poly_modulus_degree // 2)))]
+    return [pow(3, step, m) for step in steps] + [m - 1]
+
+
+def scalar_digest(data: bytes) -> bytes:
+    """Digest of an encrypted trust scalar (SEAL serialisation) the server computed; the
+    decryptor compares it with its own recomputation's."""
+    return hashlib.sha256(b"secfl/ckks/scalar/v1" + hashlib.sha256(data).digest()).digest()
 
 
 class SecretContext:
@@ -843,7 +941,12 @@ class SecretContext:
         if preset.galois_keys:
             # SEAL's "serializable" keys replace each uniform polynomial by its PRNG seed,
             # so the server context travels at about half the size; it expands on load.
-            parts += [_save(keygen.create_relin_keys()), _save(keygen.create_galois_keys())]
+            # Only the keys the trust scalars use: rotations by 2^i (rotate-and-sum) and the
+            # complex conjugation (real inner products of packed pairs); half of SEAL's set.
+            parts += [
+                _save(keygen.create_relin_keys()),
+                _save(keygen.create_galois_keys(trust_galois_elements(preset))),
+            ]
         self._client_bytes = _CONTEXT_MAGIC + _frame(client_parts)
         self._server_bytes = _CONTEXT_MAGIC + _frame(parts)
         self._decryptor = seal.Decryptor(self.context, self._secret_key)
@@ -866,6 +969,11 @@ class SecretContext:
         """Decrypt a ciphertext of this context's top level into ``size`` float64 reals."""
         ct = self.public.load_ciphertext(data)
         return self._decrypt_loaded(ct, size)
+
+    def decrypt_scalar(self, data: bytes) -> float:
+        """Slot 0's real part of a derived ciphertext (SEAL serialisation, any level/scale):
+        the decryptor's own recomputation of a trust scalar, never a handed ciphertext."""
+        return float(self.decrypt_any_level(data)[0])
 
     def decrypt_any_level(self, data: bytes) -> np.ndarray:
         ct = seal.Ciphertext()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +23,19 @@ from secfl.messages import FitIns
 
 if TYPE_CHECKING:
     from secfl.privacy.distributed import DistributedNoise
+
+#: Simulation hooks (``secfl.attacks.simulation``'s ckks adapter). ``UpdateTap`` sees a
+#: client's trained plaintext update (the omniscient adversary's view of honest clients);
+#: ``UpdateSource`` replaces training (a malicious client's crafted update and sample count).
+UpdateTap = Callable[[CkksFitIns, np.ndarray], None]
+UpdateSource = Callable[[CkksFitIns], tuple[np.ndarray, int]]
+
+_BY_APP: weakref.WeakKeyDictionary[ClientApp, CkksClient] = weakref.WeakKeyDictionary()
+
+
+def ckks_client_of(app: ClientApp) -> CkksClient | None:
+    """The CKKS side attached to ``app`` (simulation: the adversary adapter's hooks)."""
+    return _BY_APP.get(app)
 
 
 class CkksClient:
@@ -47,6 +62,9 @@ class CkksClient:
         self._clip_range = clip_range
         self._identity = identity
         self._context: ckks.PublicContext | None = None
+        #: Simulation only, see :data:`UpdateTap` / :data:`UpdateSource`.
+        self.tap: UpdateTap | None = None
+        self.source: UpdateSource | None = None
 
     @property
     def public_identity(self) -> bytes:
@@ -54,6 +72,7 @@ class CkksClient:
 
     def attach(self) -> None:
         self._app.register(CkksFitIns, self.on_fit)
+        _BY_APP[self._app] = self
 
     def _public_context(self, data: bytes) -> ckks.PublicContext:
         if self._context is None or self._context.data != data:
@@ -64,12 +83,20 @@ class CkksClient:
 
     def on_fit(self, ins: CkksFitIns) -> EncryptedUpdate:
         context = self._public_context(ins.context)
-        delta, result = self._app.train(
-            FitIns(
-                round=ins.round, attempt=ins.attempt, model_hash=ins.model_hash, weights=ins.weights
+        if self.source is not None:
+            delta, num_samples = self.source(ins)
+        else:
+            delta, result = self._app.train(
+                FitIns(
+                    round=ins.round,
+                    attempt=ins.attempt,
+                    model_hash=ins.model_hash,
+                    weights=ins.weights,
+                )
             )
-        )
-        num_samples = result.num_samples
+            num_samples = result.num_samples
+            if self.tap is not None:
+                self.tap(ins, delta)
         if self._noise is not None:
             # user-level DP: L2 clip with the weight folded in, plus this client's share
             share = self._noise.client_noise(

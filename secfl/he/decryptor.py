@@ -10,7 +10,9 @@ for, and releases
     decryptor's recomputation (a rotated, derived or substituted aggregate is refused);
 (b) at most three trust scalars per client per round, one of each kind (``reference``,
     ``norm``, ``trusted``); the reference vector and the trusted party are fixed by the
-    first request of the round.
+    first request of the round. The decryptor recomputes the server's encrypted scalar
+    from the signed update(s) (``trust`` preset evaluation keys, deterministic), refuses a
+    digest mismatch, and decrypts only slot 0 of its own recomputation.
 
 Every release is noise-flooded (LMSS 2022, see :func:`secfl.crypto.ckks.flooding_plan`) with
 noise from the run's randomness stream ``ckks.flooding``, counted against the key epoch's
@@ -209,7 +211,8 @@ class Decryptor:
                 f"{update.attempt}, the request for round {round_index} attempt {attempt}"
             )
         key = self._secret(update.epoch)
-        if update.context_digest != key.public.digest:
+        # clients encrypt under the client context (no evaluation keys): its digest
+        if update.context_digest != hashlib.sha256(key.client_context_bytes()).digest():
             raise DecryptorRefusal(
                 f"update of client {update.client_id} was encrypted under another context"
             )
@@ -332,6 +335,11 @@ class Decryptor:
             raise DecryptorRefusal(
                 f"scalar kind {request.kind!r} is not released; allowed: {SCALAR_KINDS}"
             )
+        if not self._preset.galois_keys:
+            raise DecryptorRefusal(
+                f"trust scalars need aggregation.ckks.preset 'trust' (evaluation keys); this "
+                f"decryptor serves preset {self._preset.name!r}"
+            )
         state = self._rounds.setdefault(request.round, _RoundState())
         update = self._verified(request.update, request.round, request.attempt)
         released = state.scalars.setdefault(update.client_id, set())
@@ -346,36 +354,40 @@ class Decryptor:
                 f"released in round {request.round}"
             )
         key = self._secret(update.epoch)
-        n = self._preset.params_per_ciphertext
-        x = np.concatenate(
-            [
-                key.decrypt(ct, n)
-                for ct in unframe_blobs(update.ciphertexts, "EncryptedUpdate.ciphertexts")
-            ]
-        )[: update.model_size]
-        # L2 sensitivities of the released scalar to the (Gaussian-like) CKKS error e whose
-        # values are each bounded by t: <e, r> <= t ||r||_2; norms and the trusted inner
-        # product add 2 <x, e> <= 2 t sqrt(d) C plus <e, e'> <= d t^2 (t << 1, so + d t).
-        fresh = ckks.fresh_error_bound(self._preset)
-        pair = 2.0 * math.sqrt(update.model_size) * self._policy.clip_range
-        pair += update.model_size * fresh
+        public = key.public
+        size = int(update.model_size)
+        clip = self._policy.clip_range
+        blobs = unframe_blobs(update.ciphertexts, "EncryptedUpdate.ciphertexts")
+        if len(blobs) != public.ciphertext_count(size):
+            raise DecryptorRefusal(
+                f"client {update.client_id} sent {len(blobs)} ciphertexts for {size} parameters"
+            )
+        # Error of the released scalar in message units (t = fresh error bound per value,
+        # Gaussian-like, so t is a 12-sigma bound of each and t ||v||_2 of <e, v>):
+        # <e_x, r> -> t ||r||; <x, x> and <x, y> -> 2 t sqrt(d) C + d t^2 (t << 1: + d t);
+        # the unrescaled evaluation (plaintext rounding, relinearisation, 13 rotations)
+        # adds below 2^-100 at scale 2^148: + 1 x t.
+        pair = 2.0 * math.sqrt(size) * clip + size * ckks.fresh_error_bound(self._preset)
         if request.kind == "reference":
             reference = np.asarray(request.reference, dtype=np.float64)
-            if reference.size != update.model_size or not np.all(np.isfinite(reference)):
+            if reference.size != size or not np.all(np.isfinite(reference)):
                 raise DecryptorRefusal(
-                    f"reference must be {update.model_size} finite values, got {reference.size}"
+                    f"reference must be {size} finite values, got {reference.size}"
                 )
             digest = hashlib.sha256(reference.tobytes()).digest()
             if state.reference_digest not in (None, digest):
                 raise DecryptorRefusal(
                     f"round {request.round} already uses another reference vector; one per round"
                 )
+            norm = float(np.linalg.norm(reference))
+            public.check_scalar_range(size=size, clip_range=clip, other_norm=norm)
             state.reference_digest = digest
-            value = float(np.dot(x, reference))
-            sensitivity = float(np.linalg.norm(reference))
+            recomputed = public.inner_product_plain(blobs, reference)
+            sensitivity = norm + 1.0
         elif request.kind == "norm":
-            value = float(np.dot(x, x))
-            sensitivity = pair
+            public.check_scalar_range(size=size, clip_range=clip, other_norm=math.sqrt(size) * clip)
+            recomputed = public.squared_norm(blobs)
+            sensitivity = pair + 1.0
         else:
             other = self._verified(request.other, request.round, request.attempt)
             if other.client_id == update.client_id:
@@ -387,21 +399,25 @@ class Decryptor:
                 )
             if other.model_size != update.model_size or other.epoch != update.epoch:
                 raise DecryptorRefusal("the trusted party's update does not match in size/epoch")
+            public.check_scalar_range(size=size, clip_range=clip, other_norm=math.sqrt(size) * clip)
             state.trusted_party = other.client_id
-            y = np.concatenate(
-                [
-                    key.decrypt(ct, n)
-                    for ct in unframe_blobs(other.ciphertexts, "EncryptedUpdate.ciphertexts")
-                ]
-            )[: other.model_size]
-            value = float(np.dot(x, y))
-            sensitivity = pair
+            conjugates = public.conjugates(
+                unframe_blobs(other.ciphertexts, "EncryptedUpdate.ciphertexts")
+            )
+            recomputed = public.inner_product(blobs, conjugates)
+            sensitivity = pair + 1.0
+        if ckks.scalar_digest(recomputed) != request.result_digest:
+            raise DecryptorRefusal(
+                f"the server's encrypted {request.kind!r} scalar of client {update.client_id} "
+                "does not equal the decryptor's recomputation from the signed updates"
+            )
         self._charge(update.epoch, 1)
+        value = key.decrypt_scalar(recomputed)
         sigma = ckks.scalar_flooding_sigma(
             self._preset,
             statistical_bits=self._policy.statistical_bits,
             query_budget=self._policy.query_budget,
-            sensitivity=max(sensitivity, 1.0),
+            sensitivity=sensitivity,
         )
         noise = self._noise(
             request.round, request.attempt, f"scalar.{update.client_id}.{request.kind}", 1

@@ -206,11 +206,14 @@ class ScalarRequest(WireMessage):
     """Server -> decryptor: one trust scalar of one client.
 
     ``kind`` ``reference``: <x, reference>; ``norm``: ||x||^2; ``trusted``: <x, y> with the
-    elected trusted party's signed update ``other``.
+    elected trusted party's signed update ``other``. ``result_digest``
+    (:func:`secfl.crypto.ckks.scalar_digest`) is the digest of the encrypted scalar the server
+    computed; the decryptor recomputes it from the signed update(s) and refuses a mismatch
+    (version 2; version 1 had no digest and the decryptor computed in the clear).
     """
 
     TYPE_ID: ClassVar[int] = 206
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("round", "u32"),
         ("attempt", "u32"),
@@ -218,6 +221,7 @@ class ScalarRequest(WireMessage):
         ("update", "bytes"),
         ("reference", "f32"),
         ("other", "bytes"),
+        ("result_digest", "bytes"),
     )
     round: int
     attempt: int
@@ -225,6 +229,7 @@ class ScalarRequest(WireMessage):
     update: bytes
     reference: np.ndarray
     other: bytes
+    result_digest: bytes
 
 
 @dataclass(frozen=True)

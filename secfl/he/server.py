@@ -15,7 +15,7 @@ import numpy as np
 
 from secfl.crypto import ckks
 from secfl.crypto.sign import verify_signature
-from secfl.errors import CkksError, MessageError, SignatureError
+from secfl.errors import CkksError, DecryptorRefusal, MessageError, SignatureError
 from secfl.he.decryptor import epoch_of_round, rounds_per_epoch
 from secfl.he.messages import (
     UPDATE_SIGNATURE_CONTEXT,
@@ -28,6 +28,7 @@ from secfl.he.messages import (
     SumRequest,
     frame_blobs,
 )
+from secfl.he.trust import EncryptedTrust
 from secfl.messages import ClientFailure
 from secfl.privacy.events import DpEvent
 from secfl.server.protection import AggregateResult, RoundContext, record_dropout
@@ -36,6 +37,7 @@ from secfl.wire import decode_message
 
 if TYPE_CHECKING:
     from secfl.privacy.distributed import DistributedNoise
+    from secfl.trust.defense import TrustModule
 
 #: The server's channel to the decryptor: request bytes in, reply bytes out.
 DecryptorChannel = Callable[[bytes], bytes]
@@ -56,8 +58,11 @@ class CkksProtection:
         num_clients: int,
         query_budget: int,
         user_level: DistributedNoise | None = None,
+        trust: TrustModule | None = None,
     ) -> None:
         self._preset = preset
+        #: The trust module (``trust`` preset): flooded per-client scalars decide who is summed.
+        self.trust = None if trust is None else EncryptedTrust(trust, decryptor)
         #: User-level DP: clients add Gaussian shares and send weight 1; fixed denominator.
         self._user_level = user_level
         self._decryptor = decryptor
@@ -167,6 +172,23 @@ class CkksProtection:
                 accepted[client_id] = (raw, checked)
         if len(accepted) < self._min_cohort:
             return None
+        if self.trust is not None:
+            try:
+                decision = self.trust.decide(public, accepted, ctx)
+            except (DecryptorRefusal, CkksError) as exc:
+                ctx.events.emit("warning", message=f"ckks trust scalars failed: {exc}")
+                return None
+            for client_id, reason in decision.flagged.items():
+                # flagged clients never reach the sum: dropped exactly like a dropout
+                record_dropout(ctx, dropped, client_id, stage="trust", reason=reason)
+                del accepted[client_id]
+            if len(accepted) < self._min_cohort:
+                ctx.events.emit(
+                    "warning",
+                    message=f"{len(accepted)} client(s) kept by the trust module, below "
+                    f"aggregation.min_cohort={self._min_cohort}: the round is skipped",
+                )
+                return None
         ids = sorted(accepted)
         weights = [int(accepted[i][1].num_samples) for i in ids]
         try:

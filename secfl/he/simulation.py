@@ -37,12 +37,18 @@ def build_protection(
 ) -> CkksProtection:
     """Decryptor, clients and server of mode ``ckks``; with user-level DP (Gaussian shares)
     every client noises its update for sums of at least ``aggregation.min_cohort``."""
-    if trust is not None:
-        raise ConfigError(
-            f"trust.defense={trust.defense!r} is not implemented yet for this mode "
-            "(aggregation.protection=ckks); use protection 'none' or trust.defense 'none'"
-        )
     settings = config.aggregation.ckks
+    if trust is not None:
+        if trust.defense != "vote":
+            raise ConfigError(
+                f"trust.defense={trust.defense!r} needs every update in clear; under "
+                "aggregation.protection=ckks only 'vote' runs (from per-client scalars)"
+            )
+        if not ckks.get_preset(settings.preset).galois_keys:
+            raise ConfigError(
+                f"trust under ckks needs aggregation.ckks.preset='trust' (evaluation keys for "
+                f"the encrypted scalars), got {settings.preset!r}"
+            )
     min_cohort = config.aggregation.min_cohort
     if user_level is not None:
         if user_level.kind != "gaussian":
@@ -85,4 +91,5 @@ def build_protection(
         num_clients=len(clients),
         query_budget=policy.query_budget,
         user_level=user_level,
+        trust=trust,
     )

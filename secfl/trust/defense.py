@@ -9,7 +9,7 @@ event log, and checkpoints its state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +188,129 @@ def decide_by_vote(
     )
 
 
+#: Vote rules that need every pair of updates; skipped where only per-client scalars are
+#: revealed (mode ``ckks``), as is Sybil detection.
+PAIRWISE_RULES = frozenset({"peer"})
+
+
+def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def scalar_metrics(
+    squared_norms: np.ndarray, trusted_inner: np.ndarray, trusted_row: int, metrics: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Compare with the trusted party t from scalars only (mode ``ckks``): cosine
+    s3 / sqrt(s2_i s2_t), distance sqrt(s2_i + s2_t - 2 s3), norm ratio sqrt(s2_i / s2_t).
+    Released scalars carry flooding noise, so squared norms are floored at 0 and cosines
+    clipped to [-1, 1]."""
+    s2 = np.maximum(np.asarray(squared_norms, dtype=np.float64), 0.0)
+    s3 = np.asarray(trusted_inner, dtype=np.float64)
+    s2_t = float(s2[trusted_row])
+    out: dict[str, np.ndarray] = {}
+    for name in metrics:
+        if name == "cosine":
+            out[name] = np.clip(_safe_ratio(s3, np.sqrt(s2 * s2_t)), -1.0, 1.0)
+        elif name == "distance":
+            out[name] = np.sqrt(np.maximum(s2 + s2_t - 2.0 * s3, 0.0))
+        elif name == "norm_ratio":
+            out[name] = np.sqrt(s2 / max(s2_t, np.finfo(np.float64).tiny))
+        else:
+            raise ConfigError(f"trust.compare.metrics: unknown metric {name!r}")
+    return out
+
+
+def decide_by_scalars(
+    weights: Mapping[int, float],
+    *,
+    reference_inner: Mapping[int, float] | None,
+    reference_norm: float | None,
+    squared_norms: Mapping[int, float],
+    trusted_inner: Callable[[int], Mapping[int, float]],
+    reputation: Mapping[int, float],
+    config: TrustConfig,
+) -> TrustDecision:
+    """The vote and flag of :func:`decide_by_vote` from per-client scalars only (mode
+    ``ckks``): s1 = <x_i, r>, s2 = ||x_i||^2, and, once t is elected, s3 = <x_i, x_t> from
+    ``trusted_inner(t)`` (every participant but t). The reference cosine is
+    s1 / (||r|| sqrt(s2)); pairwise rules and Sybil detection do not run (no pairs are
+    revealed). ``mean_update`` is empty: the caller sums the kept clients' ciphertexts."""
+    ids = tuple(sorted(squared_norms))
+    if not ids:
+        raise UpdateError("the trust module needs at least one update")
+    if "reference" in config.vote.rules and (reference_inner is None or reference_norm is None):
+        raise ConfigError("trust.vote.rules includes 'reference' but no reference update given")
+    s2 = np.array([squared_norms[c] for c in ids], dtype=np.float64)
+    ref_cos = None
+    if reference_inner is not None and reference_norm is not None:
+        s1 = np.array([reference_inner[c] for c in ids], dtype=np.float64)
+        ref_cos = np.clip(
+            _safe_ratio(s1, reference_norm * np.sqrt(np.maximum(s2, 0.0))), -1.0, 1.0
+        )
+    evidence = VoteEvidence(
+        client_ids=ids,
+        reference_cosine=ref_cos,
+        pairwise_cosine=None,
+        reputation=np.array([reputation.get(c, config.reputation.initial) for c in ids]),
+    )
+    outcome = elect_trusted_party(
+        evidence, rules=config.vote.rules, weights=config.vote.weights, sybil_cosine=None
+    )
+    flagged: dict[int, str] = {}
+    metrics: dict[int, dict[str, float]] = {}
+    thresholds: dict[str, dict[str, object]] = {}
+    elected = outcome.elected
+    if elected is None:
+        for c in ids:
+            flagged[c] = "no trusted party could be elected: every participant's vote score is 0"
+    else:
+        trusted = ids[elected]
+        inner = dict(trusted_inner(trusted))
+        inner[trusted] = float(s2[elected])  # <x_t, x_t>: never requested, it is s2_t
+        s3 = np.array([inner[c] for c in ids], dtype=np.float64)
+        values = scalar_metrics(s2, s3, elected, config.compare.metrics)
+        for i, c in enumerate(ids):
+            metrics[c] = {m: float(v[i]) for m, v in values.items()}
+        settings = config.threshold
+        if settings.kind == "fixed":
+            bounds = fixed_thresholds(
+                cosine_min=settings.cosine_min,
+                distance_max=settings.distance_max,
+                norm_ratio_max=settings.norm_ratio_max,
+                metrics=config.compare.metrics,
+            )
+        else:
+            bounds = robust_thresholds(
+                values,
+                _population(len(ids), elected, set(), ref_cos),
+                k=settings.k,
+                min_spread=settings.min_spread,
+            )
+        thresholds = {m: t.describe() for m, t in bounds.items()}
+        outliers = flag_outliers(
+            values, bounds, exempt=(elected,), against=f"trusted party {trusted}"
+        )
+        for i, reason in outliers.items():
+            flagged[ids[i]] = reason
+    kept = tuple(c for c in ids if c not in flagged)
+    return TrustDecision(
+        defense="vote",
+        mean_update=np.zeros(0, dtype=np.float32),
+        total_weight=float(sum(weights[c] for c in kept)),
+        kept=kept,
+        flagged={c: flagged[c] for c in ids if c in flagged},
+        trusted_party=outcome.trusted_party,
+        scores={c: float(outcome.combined[i]) for i, c in enumerate(ids)},
+        rule_scores={
+            name: {c: float(v[i]) for i, c in enumerate(ids)}
+            for name, v in outcome.rule_scores.items()
+        },
+        sybil_clusters=[],
+        metrics=metrics,
+        thresholds=thresholds,
+    )
+
+
 def _population(
     n: int, elected: int, sybil_rows: set[int], ref_cos: np.ndarray | None
 ) -> np.ndarray:
@@ -329,6 +452,48 @@ class TrustModule:
             )
             if self.defense == "centered_clipping":
                 self._center = decision.mean_update.astype(np.float64)
+        self.reputation.update(kept=decision.kept, flagged=decision.flagged)
+        self._log(decision, round_index, attempt, events)
+        return decision
+
+    def defend_scalars(
+        self,
+        weights: Mapping[int, float],
+        *,
+        reference_inner: Mapping[int, float] | None,
+        reference_norm: float | None,
+        squared_norms: Mapping[int, float],
+        trusted_inner: Callable[[int], Mapping[int, float]],
+        round_index: int,
+        attempt: int,
+        events: EventLog,
+    ) -> TrustDecision:
+        """Mode ``ckks``: :func:`decide_by_scalars`, reputations, the same event log as
+        :meth:`defend`, plus a note on the rules that need pairs and did not run."""
+        if self.defense != "vote":
+            raise ConfigError(
+                f"trust.defense={self.defense!r} needs every update in clear; under "
+                "aggregation.protection=ckks only 'vote' runs (from per-client scalars)"
+            )
+        skipped = sorted(PAIRWISE_RULES & set(self.config.vote.rules))
+        if skipped or self.config.sybil.flag:
+            events.emit(
+                "warning",
+                message=(
+                    f"trust under ckks, round {round_index}: only per-client scalars are "
+                    f"revealed, so pairwise vote rules {skipped} and Sybil detection do not run"
+                ),
+            )
+        ids = sorted(squared_norms)
+        decision = decide_by_scalars(
+            weights,
+            reference_inner=reference_inner,
+            reference_norm=reference_norm,
+            squared_norms=squared_norms,
+            trusted_inner=trusted_inner,
+            reputation={c: self.reputation.of(c) for c in ids},
+            config=self.config,
+        )
         self.reputation.update(kept=decision.kept, flagged=decision.flagged)
         self._log(decision, round_index, attempt, events)
         return decision
