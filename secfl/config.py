@@ -541,6 +541,17 @@ class TrustRobustConfig(StrictModel):
     clip_iterations: Annotated[int, Field(ge=1, le=100)] = 1
 
 
+class TrustSuspicionConfig(StrictModel):
+    """``trust.suspicion`` (mode ``masking`` only, ``secfl.trust.reputation.Suspicion``):
+    a member of a flagged sub-cohort gains ``step``; a member of a kept one has its
+    suspicion multiplied by ``forgive``; a client whose suspicion reaches ``bound`` is
+    excluded before masking in later rounds."""
+
+    step: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+    forgive: Annotated[float, Field(ge=0, le=1)] = 0.5
+    bound: Annotated[float, Field(gt=0, le=1e6)] = 4.0
+
+
 class TrustConfig(StrictModel):
     """``trust``: the server's defense against poisoned updates (DESIGN 4, ``docs/trust.md``).
 
@@ -564,6 +575,7 @@ class TrustConfig(StrictModel):
     reference: TrustReferenceConfig = Field(default_factory=TrustReferenceConfig)
     sybil: TrustSybilConfig = Field(default_factory=TrustSybilConfig)
     robust: TrustRobustConfig = Field(default_factory=TrustRobustConfig)
+    suspicion: TrustSuspicionConfig = Field(default_factory=TrustSuspicionConfig)
 
 
 # ---------------------------------------------------------------------------- run
@@ -608,6 +620,26 @@ class RunConfig(StrictModel):
                     f"privacy.user_level.colluding_clients={user.colluding_clients} must be "
                     f"below aggregation.min_cohort={self.aggregation.min_cohort}: a revealed "
                     "sum needs at least one honest noise share"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _trust_fits_masking(self) -> RunConfig:
+        trust = self.trust
+        if trust is None or trust.defense == "none":
+            return self
+        if self.aggregation.protection == "masking":
+            if trust.defense != "vote":
+                raise ValueError(
+                    f"trust.defense={trust.defense!r} is not available under "
+                    "aggregation.protection='masking': the server sees only sub-cohort sums, "
+                    "so only the vote over sub-cohorts runs there; allowed: vote, none"
+                )
+            if self.aggregation.min_cohort < 2:
+                raise ValueError(
+                    f"aggregation.min_cohort={self.aggregation.min_cohort} with trust under "
+                    "masking: a sub-cohort of one client reveals that client's update; "
+                    "allowed >= 2"
                 )
         return self
 

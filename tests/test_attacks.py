@@ -376,15 +376,7 @@ def test_unknown_attack_lists_the_registered_ones() -> None:
     assert all(name in str(caught.value) for name in BUILT_IN)
 
 
-@pytest.mark.parametrize("mode", ["masking"])  # ckks: tests/test_trust_ckks.py
-def test_secure_modes_refuse_an_adversary_for_now(mode: str) -> None:
-    raw = small_config().to_dict()
-    raw["aggregation"]["protection"] = mode
-    raw["adversary"] = {"attack": "sign_flip", "count": 1}
-    with pytest.raises(
-        ConfigError, match=f"not implemented yet for aggregation.protection='{mode}'"
-    ):
-        config_from_dict(raw)
+# adversaries under masking: tests/test_trust_masking.py; ckks: tests/test_trust_ckks.py
 
 
 # ---------------------------------------------------------------------------- adapter

@@ -386,11 +386,7 @@ def test_trust_config_errors_name_the_key() -> None:
         _config(compare={"metrics": []})
 
 
-@pytest.mark.parametrize("protection", ["masking"])  # ckks: tests/test_trust_ckks.py
-def test_modes_without_trust_yet_refuse_it(tmp_path: Path, protection: str) -> None:
-    config = small_config(**{"aggregation.protection": protection}).with_overrides(trust={})
-    with pytest.raises(ConfigError, match="not implemented yet for this mode"):
-        run(config, tmp_path / protection)
+# masking: tests/test_trust_masking.py; ckks: tests/test_trust_ckks.py
 
 
 def test_build_refusals(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from secfl.randomness import RandomStream
 
 #: Protection modes with an adversary adapter (:mod:`secfl.attacks.simulation`). Masking and
 #: CKKS adapters will hand the same :meth:`Adversary.craft_round` what they can see.
-ADAPTED_MODES: frozenset[str] = frozenset({"none", "ckks"})
+ADAPTED_MODES: frozenset[str] = frozenset({"none", "ckks", "masking"})
 
 
 def malicious_count(num_clients: int, *, fraction: float | None, count: int | None) -> int:

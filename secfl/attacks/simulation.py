@@ -350,6 +350,166 @@ class CkksAdversarialTransport(AdversarialTransport):
         return {c: replies.get(c) for c in requests}
 
 
+class MaskingAdversarialTransport(AdversarialTransport):
+    """The adversary in mode ``masking``: malicious clients craft *before* masking.
+
+    The server sees only masked vectors, so the crafted update must go into the malicious
+    client's own :class:`~secfl.secagg.client.SecAggClient` (its ``source`` hook), which
+    encodes and masks it like any update. It remembers the round's broadcast from
+    :class:`~secfl.secagg.messages.AdvertiseKeysIns`; for a round's
+    :class:`~secfl.secagg.messages.MaskedInputIns` (where clients train) in an active round:
+
+    1. the malicious participants' training data is pointed at its poisoned copy (data
+       attacks; the clean data outside the active rounds);
+    2. the honest recipients are reached first; when the adversary is omniscient, a tap on
+       each honest client's SecAgg side records its trained plaintext update (simulation
+       only: the omniscient adversary's view);
+    3. the adversary trains its own recipients from the broadcast, has
+       :meth:`Adversary.craft_round` craft their updates from those and the tapped honest
+       ones, and installs each as the malicious client's update source;
+    4. the malicious recipients are reached: each masks its crafted update.
+
+    Honest clients first, then the adversary's, each in client-id order, so ``seeded`` runs
+    are deterministic. Every crafted update is logged as ``adversary_update``.
+    """
+
+    def __init__(
+        self,
+        inner: Transport,
+        adversary: Adversary,
+        *,
+        randomness: Randomness,
+        events: EventLog,
+        clients: Mapping[int, ClientApp] | None = None,
+        announce: bool = True,
+    ) -> None:
+        super().__init__(
+            inner,
+            adversary,
+            randomness=randomness,
+            events=events,
+            clients=clients,
+            announce=announce,
+        )
+        self._secagg_apps: dict[int, ClientApp] = dict(clients or {})
+        self._broadcast: FitIns | None = None
+
+    def exchange(self, requests: Mapping[int, bytes]) -> dict[int, bytes | None]:
+        from secfl.secagg import messages as sm
+
+        if not requests:
+            return {}
+        try:
+            first = decode_message(next(iter(requests.values())))
+        except MessageError:
+            return self.inner.exchange(requests)
+        if isinstance(first, sm.AdvertiseKeysIns):
+            self._broadcast = FitIns(
+                round=first.round,
+                attempt=first.attempt,
+                model_hash=first.model_hash,
+                weights=first.weights,
+            )
+            if self._announce:
+                self._announce = False
+                self.events.emit(
+                    "adversary_selected",
+                    attack=self.adversary.attack.name,
+                    clients=sorted(self.adversary.malicious),
+                    setting=self.adversary.describe(),
+                )
+            return self.inner.exchange(requests)
+        if not isinstance(first, sm.MaskedInputIns):
+            return self.inner.exchange(requests)
+        broadcast = self._broadcast
+        if broadcast is None or (broadcast.round, broadcast.attempt) != (
+            first.round,
+            first.attempt,
+        ):
+            raise ConfigError(
+                f"masking adversary: no broadcast seen for round {first.round} attempt "
+                f"{first.attempt}"
+            )
+        active = self.adversary.is_active(broadcast.round)
+        for client_id, (clean, poisoned) in self._data.items():
+            if client_id in requests:
+                self._clients[client_id].data = poisoned if active else clean
+        if not active:
+            return self.inner.exchange(requests)
+        return self._craft_masked_round(broadcast, requests)
+
+    def _craft_masked_round(
+        self, broadcast: FitIns, requests: Mapping[int, bytes]
+    ) -> dict[int, bytes | None]:
+        from secfl.secagg.simulation import secagg_client_of
+
+        malicious = sorted(c for c in requests if self.adversary.is_malicious(c))
+        honest_ids = sorted(c for c in requests if c not in self.adversary.malicious)
+        sides = {}
+        for client_id in sorted(requests):
+            app = self._secagg_apps.get(client_id)
+            side = None if app is None else secagg_client_of(app)
+            if side is None:
+                raise ConfigError(f"client {client_id} has no simulated SecAgg side to attack")
+            sides[client_id] = side
+        seen: dict[int, np.ndarray] = {}
+
+        def tap(round_index: int, attempt: int, delta: np.ndarray, client_id: int) -> None:
+            if (round_index, attempt) == (broadcast.round, broadcast.attempt):
+                seen[client_id] = np.array(delta, dtype=np.float32)
+
+        try:
+            if self.adversary.omniscient:
+                for client_id in honest_ids:
+                    sides[client_id].tap = lambda r, a, d, c=client_id: tap(r, a, d, c)
+            replies = self.inner.exchange({c: requests[c] for c in honest_ids})
+        finally:
+            for client_id in honest_ids:
+                sides[client_id].tap = None
+        if not malicious:
+            return {c: replies.get(c) for c in requests}
+        benign: dict[int, np.ndarray] = {}
+        samples: dict[int, int] = {}
+        for client_id in malicious:
+            delta, result = self._secagg_apps[client_id].train(broadcast)  # its own client
+            benign[client_id] = delta
+            samples[client_id] = int(result.num_samples)
+        crafted = self.adversary.craft_round(
+            broadcast.round,
+            broadcast.attempt,
+            num_participants=len(requests),
+            benign=benign,
+            honest=seen,
+            stream=self.randomness.stream(
+                "adversary.craft",
+                round_index=broadcast.round,
+                attempt=broadcast.attempt,
+                party="adversary",
+            ),
+        )
+        try:
+            for client_id in malicious:
+                update, count = crafted.updates[client_id], samples[client_id]
+                sides[client_id].source = lambda r, a, u=update, n=count: (u, n)
+            replies.update(self.inner.exchange({c: requests[c] for c in malicious}))
+        finally:
+            for client_id in malicious:
+                sides[client_id].source = None
+        for client_id in malicious:
+            update = crafted.updates[client_id]
+            self.events.emit(
+                "adversary_update",
+                round=broadcast.round,
+                attempt=broadcast.attempt,
+                client=client_id,
+                attack=self.adversary.attack.name,
+                benign_norm=float(np.linalg.norm(benign[client_id])),
+                crafted_norm=float(np.linalg.norm(update)),
+                **crafted.notes[client_id],
+            )
+        return {c: replies.get(c) for c in requests}
+
+
 def with_adversary(
     inner: Transport,
     config: RunConfig,
@@ -374,6 +534,8 @@ def with_adversary(
     kind: type[AdversarialTransport] = AdversarialTransport
     if protection == "ckks":
         kind = CkksAdversarialTransport
+    elif protection == "masking":
+        kind = MaskingAdversarialTransport
     return kind(
         inner,
         adversary,

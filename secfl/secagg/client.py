@@ -11,6 +11,11 @@ The rule that keeps a client private (Bonawitz et al. §4, Thm 6.3): for each pe
 either the share of the peer's self-mask seed ``b`` (peer survived) or of its mask key ``s``
 (peer dropped), never both. :class:`ShareReleaseLog` records every release per (round,
 attempt, peer) before the reply leaves, optionally on disk, and refuses the other kind.
+
+With ``cohorts=True`` (the trust module under masking) the client derives the round's split
+into sub-cohorts from the advertised keys itself (:func:`secfl.secagg.graph.split_cohorts`)
+and masks and shares only inside its own sub-cohort, with that sub-cohort's threshold; a
+server that routes shares, or lists senders or signers, outside it is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from secfl.errors import AuthenticationError, PrivacyError, SecAggAbort, SecflEr
 from secfl.randomness import Randomness
 from secfl.secagg import messages as m
 from secfl.secagg.encoding import client_weight, encoding_fill
-from secfl.secagg.graph import build_neighbours, graph_seed
+from secfl.secagg.graph import build_neighbours, cohort_seed, graph_seed, split_cohorts
 from secfl.secagg.identity import IdentityRegistry
 from secfl.secagg.params import SecAggParams, derive_params
 
@@ -129,10 +134,13 @@ class SecAggClient:
         release_log: ShareReleaseLog | None = None,
         engine: MaskEngine | None = None,
         noise: DistributedNoise | None = None,
+        cohorts: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.client_id = client_id
         self.masking = masking
+        #: Trust sub-cohorts: mask and share only inside this client's own sub-cohort.
+        self.cohorts = cohorts
         #: User-level DP: this client's Skellam share is added before masking.
         self.noise = noise
         self.min_cohort = min_cohort
@@ -143,6 +151,12 @@ class SecAggClient:
         self.release_log = release_log if release_log is not None else ShareReleaseLog()
         self.engine = engine if engine is not None else MaskEngine(threads=masking.threads)
         self.clock = clock
+        #: Simulation hooks for the adversary adapter (:mod:`secfl.attacks.simulation`):
+        #: ``source(round, attempt)`` replaces training (a malicious client's crafted update,
+        #: masked like any other); ``tap(round, attempt, delta)`` sees the trained update (the
+        #: omniscient adversary's view). Both None outside simulated attacks.
+        self.source: Callable[[int, int], tuple[np.ndarray, int]] | None = None
+        self.tap: Callable[[int, int, np.ndarray], None] | None = None
         self.timings: dict[str, float] = {}
         self.stage = "idle"
         self.round = -1
@@ -160,6 +174,11 @@ class SecAggClient:
         self._model_hash = b""
         self._weights: np.ndarray | None = None
         self.neighbours: tuple[int, ...] = ()
+        #: This round's threshold: params.threshold, or the own sub-cohort's t_g.
+        self.threshold = 0
+        #: Sub-cohorts: the own block (sorted ids) and its index in the split.
+        self.cohort: tuple[int, ...] = ()
+        self.cohort_index = -1
         self._advertised: dict[int, tuple[bytes, bytes]] = {}
         self._share_keys: dict[int, bytearray] = {}
         self._mask_seeds: dict[int, bytearray] = {}
@@ -258,7 +277,11 @@ class SecAggClient:
         if self.client_id not in ids:
             raise SecAggAbort("wrong recipient: this client is not among the participants")
         self.params = derive_params(
-            self.masking, n=len(ids), min_cohort=self.min_cohort, noise=self.noise
+            self.masking,
+            n=len(ids),
+            min_cohort=self.min_cohort,
+            noise=self.noise,
+            cohorts=self.cohorts,
         )
         self.participants = ids
         self._model_hash = bytes(msg.model_hash)
@@ -335,13 +358,21 @@ class SecAggClient:
         all_keys = [k for pair in advertised.values() for k in pair]
         if len(set(all_keys)) != len(all_keys):
             raise SecAggAbort("duplicate keys: two advertised public keys are equal")
-        seed = graph_seed(
-            msg.round, msg.attempt, [(v, cp, sp) for v, (cp, sp) in advertised.items()]
-        )
-        neighbours = build_neighbours(ids, params.k, seed)[self.client_id]
-        if len(neighbours) + 1 < params.threshold:
+        keys = [(v, cp, sp) for v, (cp, sp) in advertised.items()]
+        if params.cohorts:
+            # Derived here from the signed keys, never taken from the server.
+            split = split_cohorts(ids, params.min_cohort, cohort_seed(msg.round, msg.attempt, keys))
+            self.cohort_index = next(j for j, b in enumerate(split) if self.client_id in b)
+            self.cohort = split[self.cohort_index]
+            neighbours = tuple(v for v in self.cohort if v != self.client_id)
+            self.threshold = params.cohort_threshold(len(self.cohort))
+        else:
+            seed = graph_seed(msg.round, msg.attempt, keys)
+            neighbours = build_neighbours(ids, params.k, seed)[self.client_id]
+            self.threshold = params.threshold
+        if len(neighbours) + 1 < self.threshold:
             raise SecAggAbort(
-                f"below threshold: {len(neighbours)} neighbours + self < t={params.threshold}"
+                f"below threshold: {len(neighbours)} neighbours + self < t={self.threshold}"
             )
         self._advertised = advertised
         self.neighbours = neighbours
@@ -355,7 +386,7 @@ class SecAggClient:
         shares = shamir.split(
             shamir.secret_to_elements(secrets),
             [h + 1 for h in holders],
-            params.threshold,
+            self.threshold,
             lambda high, size: stream.integers(high, size),
         )  # (holders, 2, m)
         secrets.fill(0)
@@ -416,16 +447,21 @@ class SecAggClient:
             raise SecAggAbort("wrong sender list: ids must be strictly ascending")
         stray = set(senders) - set(self.neighbours)
         if stray:
-            raise SecAggAbort(f"wrong sender: shares from non-neighbours {sorted(stray)}")
+            where = (
+                f"outside this client's sub-cohort {self.cohort_index} {list(self.cohort)}"
+                if self.cohorts
+                else "from non-neighbours"
+            )
+            raise SecAggAbort(f"wrong sender: shares {where}: {sorted(stray)}")
         if len(msg.ciphertexts) != len(senders) * m.SHARE_CIPHERTEXT_BYTES:
             raise SecAggAbort(
                 f"wrong length: {len(senders)} shares need "
                 f"{len(senders) * m.SHARE_CIPHERTEXT_BYTES} bytes, got {len(msg.ciphertexts)}"
             )
-        if len(senders) + 1 < params.threshold:
+        if len(senders) + 1 < self.threshold:
             raise SecAggAbort(
                 f"below threshold: shares from {len(senders)} neighbours + self < "
-                f"t={params.threshold}"
+                f"t={self.threshold}"
             )
         size = m.SHARE_CIPHERTEXT_BYTES
         self._ciphertexts = {
@@ -433,7 +469,14 @@ class SecAggClient:
         }
         self.senders = senders
         started = self.clock()
-        delta, num_samples = self.compute_update(msg.round, msg.attempt, self._model_hash, weights)
+        if self.source is not None:
+            delta, num_samples = self.source(msg.round, msg.attempt)
+        else:
+            delta, num_samples = self.compute_update(
+                msg.round, msg.attempt, self._model_hash, weights
+            )
+        if self.tap is not None:
+            self.tap(msg.round, msg.attempt, delta)
         self.timings["train"] = self.clock() - started
         self.timings["masked_input_mask"] = 0.0
         started = self.clock()
@@ -489,7 +532,7 @@ class SecAggClient:
                     attempt=self.attempt,
                     party=self._party,
                 ),
-                params.threshold,
+                self.threshold,
             )
         weight = client_weight(params, num_samples)
         rounding = self.randomness.stream(
@@ -540,9 +583,9 @@ class SecAggClient:
                 f"{params.min_cohort}"
             )
         mine = set(survivors) & {*self.senders, self.client_id}
-        if len(mine) < params.threshold:
+        if len(mine) < self.threshold:
             raise SecAggAbort(
-                f"below threshold: {len(mine)} surviving share holders < t={params.threshold}"
+                f"below threshold: {len(mine)} surviving share holders < t={self.threshold}"
             )
         self.survivors = survivors
         signed = m.consistency_signed_bytes(
@@ -571,9 +614,12 @@ class SecAggClient:
             raise SecAggAbort(
                 f"wrong length: {len(signers)} signers need {64 * len(signers)} bytes"
             )
-        if len(signers) < params.threshold:
+        # Sub-cohorts: only signers of the own sub-cohort vouch for the survivor set this
+        # client's shares unmask (the other sub-cohorts' sums do not involve its secrets).
+        counted = [v for v in signers if v in self.cohort] if self.cohorts else list(signers)
+        if len(counted) < self.threshold:
             raise SecAggAbort(
-                f"below threshold: {len(signers)} consistency signatures < t={params.threshold}"
+                f"below threshold: {len(counted)} consistency signatures < t={self.threshold}"
             )
         for i, v in enumerate(signers):
             self.registry.verify(

@@ -13,6 +13,13 @@ Unmasking (Bonawitz et al. CCS 2017 §4, round 4; Bell et al. CCS 2020 §3):
 with sign(u, v) = -1 if u < v else +1 (undoing what u applied), s_uv recomputed from the
 recovered key s_v and u's advertised public key. All of it is one pass of
 :class:`~secfl.crypto.prg.MaskEngine` over a preallocated vector.
+
+Sub-cohorts (``cohorts=True``, the trust module under masking; protocols/secagg.md §9): U1
+is split into blocks by a permutation keyed by a hash of every advertised key (the clients
+derive and check the same split), masks and shares stay inside a block, and each block is
+unmasked on its own with its own threshold t_g. A block that falls below t_g at any stage
+fails alone: its sum is never revealed and its members count as dropped. The result then
+holds one :class:`CohortSum` per revealed block besides their total.
 """
 
 from __future__ import annotations
@@ -34,7 +41,13 @@ from secfl.messages import ClientFailure
 from secfl.secagg import messages as m
 from secfl.secagg.client import SECRET_BYTES, pair_key
 from secfl.secagg.encoding import decode_mean
-from secfl.secagg.graph import build_neighbours, graph_seed
+from secfl.secagg.graph import (
+    build_neighbours,
+    cohort_neighbours,
+    cohort_seed,
+    graph_seed,
+    split_cohorts,
+)
 from secfl.secagg.identity import IdentityRegistry
 from secfl.secagg.params import NoiseHeadroom, SecAggParams, derive_params
 from secfl.wire import WireMessage, decode_message
@@ -45,6 +58,22 @@ register_event(
     "secagg_unmasked",
     ("round", "attempt", "survivors", "self_masks_recovered", "mask_keys_recovered", "dropped"),
 )
+register_event("secagg_cohorts", ("round", "attempt", "cohorts", "thresholds"))
+register_event("secagg_cohort_failed", ("round", "attempt", "cohort", "stage", "reason"))
+
+
+@dataclass(frozen=True, eq=False)
+class CohortSum:
+    """One sub-cohort's revealed sum: its members (its block of U1), the survivors whose
+    inputs are in the sum, the unmasked integer sum and its decoded weighted mean."""
+
+    index: int
+    members: tuple[int, ...]
+    survivors: tuple[int, ...]
+    threshold: int
+    raw_sum: np.ndarray
+    mean_update: np.ndarray
+    total_weight: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +84,8 @@ class SecAggResult:
     dropped: dict[int, str] = field(default_factory=dict)
     #: The unmasked integer sum (d + 1 words mod 2^b); tests compare it with plaintext.
     raw_sum: np.ndarray | None = None
+    #: Sub-cohort rounds: every revealed sub-cohort's sum (the totals above add them up).
+    cohorts: tuple[CohortSum, ...] = ()
 
 
 class SecAggServer:
@@ -74,6 +105,7 @@ class SecAggServer:
         engine: MaskEngine | None = None,
         events: EventLog | None = None,
         noise: NoiseHeadroom | None = None,
+        cohorts: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.participants = tuple(sorted(set(participants)))
@@ -89,7 +121,11 @@ class SecAggServer:
         self.engine = engine if engine is not None else MaskEngine(threads=masking.threads)
         try:
             self.params: SecAggParams = derive_params(
-                masking, n=len(self.participants), min_cohort=min_cohort, noise=noise
+                masking,
+                n=len(self.participants),
+                min_cohort=min_cohort,
+                noise=noise,
+                cohorts=cohorts,
             )
         except SecflError as exc:
             raise SecAggAbort(f"cannot start round {round_index}: {exc}") from None
@@ -109,6 +145,10 @@ class SecAggServer:
         self._unmask: dict[int, m.UnmaskRes] = {}
         self._excluded: set[int] = set()
         self._holds: dict[int, frozenset[int]] = {}
+        #: Sub-cohorts of U1 (empty without them), each one's t_g, and why some failed.
+        self.cohorts: tuple[tuple[int, ...], ...] = ()
+        self.cohort_thresholds: tuple[int, ...] = ()
+        self.failed_cohorts: dict[int, str] = {}
         # Clients always verify every signature against their pinned registry; the server
         # also does in the active variant, to drop a client with a bad signature before it
         # makes every honest client abort (robustness against malicious clients). In the
@@ -182,6 +222,7 @@ class SecAggServer:
                 del self._masked[client_id]
                 self._excluded.add(client_id)
                 self._drop(client_id, "masked_input", f"excluded: {reason}")
+        self._prune_cohorts(set(self._masked), "survivors after exclusion")
         self.u3 = tuple(sorted(self._masked))
         self._require(len(self.u3), "survivors after exclusion", min_cohort=True)
 
@@ -231,6 +272,31 @@ class SecAggServer:
                 f"below threshold at {self.stage}: {count} {what}, need at least {floor} "
                 f"(t={t}, min_cohort={self.params.min_cohort}); no sum is revealed"
             )
+
+    def _prune_cohorts(self, alive: set[int], what: str) -> None:
+        """Sub-cohorts: fail every sub-cohort with fewer than t_g of ``alive``; its members
+        are dropped and its secrets never asked for (no sum of it is revealed)."""
+        for j, block in enumerate(self.cohorts):
+            if j in self.failed_cohorts:
+                continue
+            left = [c for c in block if c in alive]
+            t = self.cohort_thresholds[j]
+            if len(left) >= t:
+                continue
+            reason = (
+                f"sub-cohort {j} below threshold at {self.stage}: {len(left)} {what}, need "
+                f"t_g={t}; its sum is not revealed"
+            )
+            self._fail_cohort(j, reason)
+
+    def _fail_cohort(self, index: int, reason: str) -> None:
+        self.failed_cohorts[index] = reason
+        self._emit("secagg_cohort_failed", cohort=index, stage=self.stage, reason=reason)
+        for c in self.cohorts[index]:
+            self._masked.pop(c, None)
+            self._signatures.pop(c, None)
+            if c not in self.dropped:
+                self._drop(c, self.stage, reason)
 
     def _drop(self, client_id: int, stage: str, reason: str) -> None:
         self.dropped.setdefault(client_id, f"{stage}: {reason}")
@@ -295,10 +361,22 @@ class SecAggServer:
             raise SecAggAbort("duplicate keys: two clients advertised the same public key")
         self.active = tuple(sorted(self.advertised))
         self._require(len(self.active), "clients advertised keys")
-        seed = graph_seed(
-            self.round, self.attempt, [(v, c, s) for v, (c, s, _) in self.advertised.items()]
-        )
-        self.neighbours = build_neighbours(self.active, self.params.k, seed)
+        signed_keys = [(v, c, s) for v, (c, s, _) in self.advertised.items()]
+        if self.params.cohorts:
+            seed = cohort_seed(self.round, self.attempt, signed_keys)
+            self.cohorts = split_cohorts(self.active, self.params.min_cohort, seed)
+            self.cohort_thresholds = tuple(
+                self.params.cohort_threshold(len(block)) for block in self.cohorts
+            )
+            self.neighbours = cohort_neighbours(self.cohorts)
+            self._emit(
+                "secagg_cohorts",
+                cohorts=[list(block) for block in self.cohorts],
+                thresholds=list(self.cohort_thresholds),
+            )
+        else:
+            seed = graph_seed(self.round, self.attempt, signed_keys)
+            self.neighbours = build_neighbours(self.active, self.params.k, seed)
         # a client holds shares of its neighbours' secrets and of its own
         self._holds = {v: frozenset((*near, v)) for v, near in self.neighbours.items()}
         self.stage = "share_keys"
@@ -334,6 +412,10 @@ class SecAggServer:
                 if inbox is None:
                     inbox = routed[v] = {}
                 inbox[client_id] = blob[i * size : (i + 1) * size]
+        if self.cohorts:
+            self._prune_cohorts(
+                {c for c in accepted if c not in self.dropped}, "clients sent shares"
+            )
         self.u2 = tuple(c for c in sorted(accepted) if c not in self.dropped)
         self.active = self.u2
         u2 = set(self.u2)
@@ -384,6 +466,8 @@ class SecAggServer:
                 )
                 continue
             self._masked[client_id] = vector
+        if self.cohorts:
+            self._prune_cohorts(set(self._masked), "masked inputs")
         self.u3 = tuple(sorted(self._masked))
         self.active = self.u3
         self._require(len(self.u3), "masked inputs", min_cohort=True)
@@ -412,6 +496,8 @@ class SecAggServer:
                     self._drop_signer(client_id, str(exc))
                     continue
             self._signatures[client_id] = res.signature
+        if self.cohorts:
+            self._prune_cohorts(set(self._signatures), "consistency signatures")
         signers = tuple(sorted(self._signatures))
         self.active = signers
         self._require(len(signers), "consistency signatures")
@@ -441,21 +527,143 @@ class SecAggServer:
     # ------------------------------------------------------------------ unmasking
 
     def _unmask_sum(self) -> SecAggResult:
+        if self.cohorts:
+            return self._unmask_cohorts()
         t = self.params.threshold
-        e = m.SHARE_ELEMENTS
         u3 = set(self.u3)
-        dropped_after_sharing = [v for v in self.u2 if v not in u3]
-        # Which dropped clients' keys are needed: those with a surviving neighbour that masked
-        # with them (v in U2 and u in N(v) ∩ U3 received v's share).
-        need_s = [
-            v
-            for v in dropped_after_sharing
-            if any(v in self._routed.get(u, {}) for u in self.neighbours[v] if u in u3)
-        ]
-        # owner -> row of a dense (senders, owners, e) table; every reply is scattered into
-        # it with one vectorised assignment per kind, then the first t holders of every
-        # secret are picked with one stable argsort (no per-share Python loop).
+        need_s = self._needed_mask_keys(self.u2, u3)
         owners: list[tuple[int, str]] = [(v, "b") for v in self.u3] + [(v, "s") for v in need_s]
+        senders, table, present = self._share_table(owners)
+        counts = present.sum(axis=0)
+        short = np.flatnonzero(counts < t)
+        if short.size:
+            v, kind = owners[int(short[0])]
+            raise SecAggAbort(
+                f"below threshold at unmask: {int(counts[short[0]])} shares of client {v}'s "
+                f"{'self-mask seed' if kind == 'b' else 'mask key'} (t={t}); "
+                f"{short.size} secrets cannot be recovered; no sum is revealed"
+            )
+        secrets = self._reconstruct(owners, senders, table, present, t)
+        out, self_masks = self._unmasked_vector(self.u3, owners, secrets, u3)
+        mean, total_weight = decode_mean(self.params, out)
+        self._emit(
+            "secagg_unmasked",
+            survivors=list(self.u3),
+            self_masks_recovered=self_masks,
+            mask_keys_recovered=len(need_s),
+            dropped=sorted(self.dropped),
+        )
+        self._wipe()
+        return SecAggResult(
+            mean_update=mean,
+            total_weight=total_weight,
+            survivors=self.u3,
+            dropped={c: r for c, r in self.dropped.items() if c not in u3},
+            raw_sum=out,
+        )
+
+    def _unmask_cohorts(self) -> SecAggResult:
+        """One sum per live sub-cohort, each from its own shares with its own t_g; a
+        sub-cohort whose secrets cannot be recovered fails alone (its sum is not revealed)."""
+        u3 = set(self.u3)
+        live = [j for j in range(len(self.cohorts)) if j not in self.failed_cohorts]
+        plan: dict[int, tuple[list[int], list[tuple[int, str]]]] = {}
+        owners: list[tuple[int, str]] = []
+        for j in live:
+            block = set(self.cohorts[j])
+            survivors = [v for v in self.u3 if v in block]
+            need_s = self._needed_mask_keys([v for v in self.u2 if v in block], u3)
+            mine = [(v, "b") for v in survivors] + [(v, "s") for v in need_s]
+            plan[j] = (survivors, mine)
+            owners.extend(mine)
+        senders, table, present = self._share_table(owners)
+        column = {key: i for i, key in enumerate(owners)}
+        sums: list[CohortSum] = []
+        recovered = {"b": 0, "s": 0}
+        for j in live:
+            survivors, mine = plan[j]
+            t = self.cohort_thresholds[j]
+            cols = np.array([column[key] for key in mine], dtype=np.intp)
+            counts = present[:, cols].sum(axis=0)
+            short = np.flatnonzero(counts < t)
+            if short.size:
+                v, kind = mine[int(short[0])]
+                self._fail_cohort(
+                    j,
+                    f"sub-cohort {j} below threshold at unmask: {int(counts[short[0]])} shares "
+                    f"of client {v}'s {'self-mask seed' if kind == 'b' else 'mask key'} "
+                    f"(t_g={t}); its sum is not revealed",
+                )
+                continue
+            try:
+                secrets = self._reconstruct(mine, senders, table[:, cols], present[:, cols], t)
+                out, _ = self._unmasked_vector(tuple(survivors), mine, secrets, u3)
+                mean, total_weight = decode_mean(self.params, out)
+            except (SecAggAbort, SecflError) as exc:
+                self._fail_cohort(j, f"sub-cohort {j} failed at unmask: {exc}")
+                continue
+            for _, kind in mine:
+                recovered[kind] += 1
+            sums.append(
+                CohortSum(
+                    index=j,
+                    members=self.cohorts[j],
+                    survivors=tuple(survivors),
+                    threshold=t,
+                    raw_sum=out,
+                    mean_update=mean,
+                    total_weight=total_weight,
+                )
+            )
+        if not sums:
+            raise SecAggAbort(
+                "below threshold at unmask: no sub-cohort's secrets could be recovered; no sum "
+                "is revealed"
+            )
+        total = np.zeros(self.weights.size + 1, dtype=self.params.word_dtype)
+        for part in sums:
+            np.add(total, part.raw_sum, out=total)  # wraps modulo the word size
+        reduce_mod(total, self.params.bits)
+        mean, total_weight = decode_mean(self.params, total)
+        revealed = tuple(sorted(c for part in sums for c in part.survivors))
+        self._emit(
+            "secagg_unmasked",
+            survivors=list(revealed),
+            self_masks_recovered=recovered["b"],
+            mask_keys_recovered=recovered["s"],
+            dropped=sorted(c for c in self.dropped if c not in revealed),
+            cohorts={part.index: list(part.survivors) for part in sums},
+            failed_cohorts=dict(self.failed_cohorts),
+        )
+        self._wipe()
+        kept = set(revealed)
+        return SecAggResult(
+            mean_update=mean,
+            total_weight=total_weight,
+            survivors=revealed,
+            dropped={c: r for c, r in self.dropped.items() if c not in kept},
+            raw_sum=total,
+            cohorts=tuple(sums),
+        )
+
+    def _needed_mask_keys(self, shared: list[int] | tuple[int, ...], u3: set[int]) -> list[int]:
+        """Dropped clients whose mask keys the sum needs: those in U2 \\ U3 with a surviving
+        neighbour that masked with them (u in N(v) ∩ U3 received v's share)."""
+        return [
+            v
+            for v in shared
+            if v not in u3
+            and any(v in self._routed.get(u, {}) for u in self.neighbours[v] if u in u3)
+        ]
+
+    def _share_table(
+        self, owners: list[tuple[int, str]]
+    ) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Scatter every unmask reply into a dense (senders, owners, e) table with one
+        vectorised assignment per kind (no per-share Python loop); ``present`` marks the
+        shares received. A reply with wrong lengths or shares its sender cannot hold is
+        dropped."""
+        e = m.SHARE_ELEMENTS
         column = {key: i for i, key in enumerate(owners)}
         senders = sorted(self._unmask)
         table = np.zeros((len(senders), len(owners), e), dtype=np.uint64)
@@ -483,27 +691,39 @@ class SecAggServer:
                     idx = np.array([cols[i] for i in keep])
                     table[row, idx] = values.reshape(-1, e)[keep]
                     present[row, idx] = True
-        counts = present.sum(axis=0)
-        short = np.flatnonzero(counts < t)
-        if short.size:
-            v, kind = owners[int(short[0])]
-            raise SecAggAbort(
-                f"below threshold at unmask: {int(counts[short[0]])} shares of client {v}'s "
-                f"{'self-mask seed' if kind == 'b' else 'mask key'} (t={t}); "
-                f"{short.size} secrets cannot be recovered; no sum is revealed"
-            )
-        if owners:
-            first = np.argsort(~present, axis=0, kind="stable")[:t].T  # (owners, t) rows
-            sender_ids = np.array(senders, dtype=np.uint64)
-            xs = sender_ids[first] + np.uint64(1)
-            ys = table[first, np.arange(len(owners))[:, None]]  # (owners, t, e)
-            try:
-                elements = shamir.reconstruct(xs, ys)
-                secrets = shamir.elements_to_secret(elements, SECRET_BYTES)
-            except (ProtocolError, SecflError) as exc:
-                raise SecAggAbort(f"share reconstruction failed: {exc}") from None
-        else:
-            secrets = np.zeros((0, SECRET_BYTES), dtype=np.uint8)
+        return senders, table, present
+
+    def _reconstruct(
+        self,
+        owners: list[tuple[int, str]],
+        senders: list[int],
+        table: np.ndarray,
+        present: np.ndarray,
+        t: int,
+    ) -> np.ndarray:
+        """All secrets in one batch from the first t holders of each (one stable argsort;
+        Lagrange coefficients shared per distinct holder set)."""
+        if not owners:
+            return np.zeros((0, SECRET_BYTES), dtype=np.uint8)
+        first = np.argsort(~present, axis=0, kind="stable")[:t].T  # (owners, t) rows
+        sender_ids = np.array(senders, dtype=np.uint64)
+        xs = sender_ids[first] + np.uint64(1)
+        ys = table[first, np.arange(len(owners))[:, None]]  # (owners, t, e)
+        try:
+            elements = shamir.reconstruct(xs, ys)
+            return shamir.elements_to_secret(elements, SECRET_BYTES)
+        except (ProtocolError, SecflError) as exc:
+            raise SecAggAbort(f"share reconstruction failed: {exc}") from None
+
+    def _unmasked_vector(
+        self,
+        survivors: tuple[int, ...],
+        owners: list[tuple[int, str]],
+        secrets: np.ndarray,
+        u3: set[int],
+    ) -> tuple[np.ndarray, int]:
+        """Σ y_u − Σ PRG(b_u) ± the dropped peers' pair masks (mod 2^b), and how many self
+        masks were removed."""
         seed_bytes = self.params.seed_bytes
         self_seeds: list[bytes] = []
         add_seeds: list[bytes] = []
@@ -536,27 +756,12 @@ class SecAggServer:
         self.engine.accumulate(
             out,
             fill=_zero_fill,
-            add_arrays=[self._masked[u] for u in self.u3],
+            add_arrays=[self._masked[u] for u in survivors],
             sub_seeds=self_seeds + sub_seeds,
             add_seeds=add_seeds,
         )
         reduce_mod(out, self.params.bits)
-        mean, total_weight = decode_mean(self.params, out)
-        self._emit(
-            "secagg_unmasked",
-            survivors=list(self.u3),
-            self_masks_recovered=len(self_seeds),
-            mask_keys_recovered=len(need_s),
-            dropped=sorted(self.dropped),
-        )
-        self._wipe()
-        return SecAggResult(
-            mean_update=mean,
-            total_weight=total_weight,
-            survivors=self.u3,
-            dropped={c: r for c, r in self.dropped.items() if c not in u3},
-            raw_sum=out,
-        )
+        return out, len(self_seeds)
 
 
 def _zero_fill(lo: int) -> ChunkFill:

@@ -5,12 +5,17 @@ and weights in, a :class:`TrustDecision` out. :class:`TrustModule` is the server
 stateful wrapper a protection mode calls: it computes the reference update, keeps the
 reputations (and centered clipping's centre) across rounds, writes every decision to the
 event log, and checkpoints its state.
+
+Under masking (:meth:`TrustModule.defend_cohorts`) the candidates are sub-cohort means, the
+only vectors the server sees; every member of a flagged sub-cohort gains suspicion
+(:class:`~secfl.trust.reputation.Suspicion`), and :meth:`TrustModule.admit` keeps clients
+whose suspicion reached the bound out of later rounds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +33,7 @@ from secfl.trust.flag import (
     robust_thresholds,
 )
 from secfl.trust.reference import ReferenceTrainer
-from secfl.trust.reputation import Reputation
+from secfl.trust.reputation import Reputation, Suspicion
 from secfl.trust.vote import VoteEvidence, elect_trusted_party
 
 if TYPE_CHECKING:
@@ -46,6 +51,12 @@ register_event(
     "trust_flag", ("round", "attempt", "defense", "client", "metrics", "threshold", "reason")
 )
 register_event("trust_kept", ("round", "attempt", "defense", "clients", "thresholds"))
+register_event(
+    "trust_cohort_flag",
+    ("round", "attempt", "cohort", "members", "metrics", "threshold", "reason", "suspicion"),
+)
+register_event("trust_cohort_kept", ("round", "attempt", "cohorts", "thresholds", "suspicion"))
+register_event("trust_excluded", ("round", "attempt", "client", "suspicion", "bound", "reason"))
 
 #: Defenses whose output is the weighted mean of a subset of the updates, so central
 #: user-level DP (clip, sum, noise) can be applied to what they keep.
@@ -103,8 +114,12 @@ def decide_by_vote(
     reference: np.ndarray | None,
     reputation: Mapping[int, float],
     config: TrustConfig,
+    detect_sybils: bool = True,
 ) -> TrustDecision:
-    """Elect a trusted party, compare everyone with it, flag outliers, average the rest."""
+    """Elect a trusted party, compare everyone with it, flag outliers, average the rest.
+
+    ``detect_sybils=False`` skips near-duplicate detection (sub-cohort means: averaging
+    makes honest sub-cohorts' means nearly parallel, so closeness is no evidence there)."""
     ids, x = _stack(updates)
     if "reference" in config.vote.rules and reference is None:
         raise ConfigError("trust.vote.rules includes 'reference' but no reference update given")
@@ -121,12 +136,12 @@ def decide_by_vote(
         evidence,
         rules=config.vote.rules,
         weights=config.vote.weights,
-        sybil_cosine=sybil.cosine,
+        sybil_cosine=sybil.cosine if detect_sybils else None,
     )
     flagged: dict[int, str] = {}
     index = {c: i for i, c in enumerate(ids)}
     sybil_rows: set[int] = set()
-    if sybil.flag:
+    if sybil.flag and detect_sybils:
         for members in outcome.sybil_clusters:
             for c in members:
                 sybil_rows.add(index[c])
@@ -388,6 +403,42 @@ def decide_by_baseline(
     )
 
 
+def _flag_against_reference(
+    decision: TrustDecision,
+    reference: np.ndarray | None,
+    cohorts: Mapping[int, tuple[tuple[int, ...], np.ndarray, float]],
+) -> TrustDecision:
+    """Sub-cohorts: also flag every candidate whose mean points away from the server's
+    reference update (cosine <= 0; FLTrust's ReLU, Cao et al. 2021). With a handful of
+    candidates, half of them poisoned, the robust spread is estimated on too few vouched
+    sub-cohorts to be trusted, and a poisoned sub-cohort mean must never pass for lack of
+    a population."""
+    if reference is None:
+        return decision
+    flagged = dict(decision.flagged)
+    ids = sorted(cohorts)
+    x = np.stack([np.asarray(cohorts[j][1], dtype=np.float32) for j in ids])
+    for j, cosine in zip(ids, cosine_with(x, reference)):
+        if j not in flagged and float(cosine) <= 0.0:
+            flagged[j] = (
+                f"sub-cohort mean points away from the server's reference update "
+                f"(cosine {float(cosine):.4g} <= 0)"
+            )
+    if len(flagged) == len(decision.flagged):
+        return decision
+    kept = tuple(j for j in decision.kept if j not in flagged)
+    mean, total_weight = weighted_mean_of(
+        {j: cohorts[j][1] for j in ids}, {j: cohorts[j][2] for j in ids}, kept
+    )
+    return replace(
+        decision,
+        kept=kept,
+        flagged={j: flagged[j] for j in ids if j in flagged},
+        mean_update=mean,
+        total_weight=total_weight,
+    )
+
+
 class TrustModule:
     """Server-side trust state across rounds: reputations, the reference trainer, logging.
 
@@ -418,6 +469,11 @@ class TrustModule:
             recovery=config.reputation.recovery,
         )
         self._center: np.ndarray | None = None
+        self.suspicion = Suspicion(
+            step=config.suspicion.step,
+            forgive=config.suspicion.forgive,
+            bound=config.suspicion.bound,
+        )
 
     @property
     def defense(self) -> str:
@@ -534,10 +590,117 @@ class TrustModule:
             thresholds=decision.thresholds,
         )
 
+    # ------------------------------------------------------------------ sub-cohorts
+
+    def admit(
+        self, participants: list[int], *, round_index: int, attempt: int, events: EventLog
+    ) -> list[int]:
+        """The participants whose suspicion is below the bound; each one left out is logged
+        (``trust_excluded``) with its suspicion and the reason."""
+        admitted = []
+        for client_id in participants:
+            if not self.suspicion.exceeds(client_id):
+                admitted.append(client_id)
+                continue
+            events.emit(
+                "trust_excluded",
+                round=round_index,
+                attempt=attempt,
+                client=client_id,
+                suspicion=self.suspicion.of(client_id),
+                bound=self.suspicion.bound,
+                reason=(
+                    f"suspicion {self.suspicion.of(client_id):g} >= trust.suspicion.bound="
+                    f"{self.suspicion.bound:g}: its sub-cohorts were flagged in earlier rounds"
+                ),
+            )
+        return admitted
+
+    def defend_cohorts(
+        self,
+        cohorts: Mapping[int, tuple[tuple[int, ...], np.ndarray, float]],
+        *,
+        global_weights: np.ndarray,
+        round_index: int,
+        attempt: int,
+        events: EventLog,
+    ) -> TrustDecision:
+        """Vote over sub-cohort means: ``cohorts`` maps a sub-cohort's index to (its
+        survivors, its weighted mean update, its total weight). The decision's ``kept`` and
+        ``flagged`` name sub-cohort indices; every member of a flagged one gains suspicion
+        and loses reputation, members of kept ones are forgiven and recover. The vote's
+        reputation evidence for a sub-cohort is its members' mean reputation."""
+        if self.defense != "vote":
+            raise ConfigError(
+                f"trust.defense={self.defense!r} cannot run on sub-cohort sums; allowed: vote"
+            )
+        reference = None
+        if self.reference is not None:
+            reference = self.reference(global_weights, round_index=round_index, attempt=attempt)
+        members = {j: survivors for j, (survivors, _, _) in cohorts.items()}
+        decision = decide_by_vote(
+            {j: mean for j, (_, mean, _) in cohorts.items()},
+            {j: weight for j, (_, _, weight) in cohorts.items()},
+            reference=reference,
+            reputation={
+                j: float(np.mean([self.reputation.of(c) for c in ids])) if ids else 0.0
+                for j, ids in members.items()
+            },
+            config=self.config,
+            detect_sybils=False,
+        )
+        decision = _flag_against_reference(decision, reference, cohorts)
+        kept_clients = [c for j in decision.kept for c in members[j]]
+        flagged_clients = [c for j in decision.flagged for c in members[j]]
+        self.reputation.update(kept=kept_clients, flagged=flagged_clients)
+        self.suspicion.update(kept=kept_clients, flagged=flagged_clients)
+        where = {"round": round_index, "attempt": attempt}
+        events.emit(
+            "trust_vote",
+            **where,
+            defense="vote",
+            candidates="sub-cohorts",
+            trusted_party=decision.trusted_party,
+            scores=decision.scores,
+            rules=decision.rule_scores,
+            sybil_clusters=[],
+            members={j: list(ids) for j, ids in members.items()},
+        )
+        for j, reason in decision.flagged.items():
+            events.emit(
+                "trust_cohort_flag",
+                **where,
+                cohort=j,
+                members=list(members[j]),
+                metrics=decision.metrics.get(j, {}),
+                score=decision.scores.get(j),
+                threshold=decision.thresholds,
+                reason=reason,
+                suspicion={c: self.suspicion.of(c) for c in members[j]},
+            )
+        events.emit(
+            "trust_cohort_kept",
+            **where,
+            cohorts={
+                j: {
+                    **decision.metrics.get(j, {}),
+                    "score": decision.scores.get(j),
+                    "members": list(members[j]),
+                }
+                for j in decision.kept
+            },
+            thresholds=decision.thresholds,
+            suspicion={c: self.suspicion.of(c) for ids in members.values() for c in ids},
+        )
+        return decision
+
     # ------------------------------------------------------------------ checkpoint
 
     def state(self) -> dict[str, Any]:
-        return {"defense": self.defense, "reputation": self.reputation.state()}
+        state: dict[str, Any] = {"defense": self.defense, "reputation": self.reputation.state()}
+        if self.suspicion.recorded:  # sub-cohort rounds only; mode none's state is unchanged
+            state["suspicion"] = self.suspicion.state()
+        return state
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Vector state for the checkpoint's arrays (centered clipping's centre)."""
@@ -552,6 +715,7 @@ class TrustModule:
                 f"the run uses {self.defense!r}"
             )
         self.reputation.load_state(raw.get("reputation"))
+        self.suspicion.load_state(raw.get("suspicion"))
         center = arrays.get("trust.center")
         self._center = None if center is None else np.array(center, dtype=np.float64)
 
