@@ -8,9 +8,11 @@ on large model at small cost", ICML 2023), which combines ghost clipping (Li et 
 Goodfellow 2015 for the linear-layer norm identity) with reuse of the captured tensors:
 
 1. one forward pass records, for each layer, its input ``a`` and output ``z``;
-2. ``torch.autograd.grad(sum of per-record losses, [z...])`` gives each layer's output
-   gradient ``g`` (row i is d loss_i / d z_i); no parameter gradient is computed;
-3. per-record squared gradient norms are computed per layer from ``(a, g)``:
+2. ``torch.autograd.grad`` of the sum of per-record losses, asked only for the outputs with
+   no other recorded output upstream, computes each layer's output gradient ``g`` (row i
+   is d loss_i / d z_i) on the way; no parameter gradient is computed;
+3. a hook on each output computes, as soon as ``g`` exists, the layer's per-record squared
+   gradient norms from ``(a, g)`` and releases ``a``:
 
    * ``Linear`` without positions: ``||g_i a_i^T||^2 = ||a_i||^2 ||g_i||^2``;
    * ``Linear`` over positions and ``Conv1d``/``Conv2d`` (inputs unfolded to patches
