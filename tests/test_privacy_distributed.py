@@ -216,3 +216,23 @@ def test_secure_examples_validate_and_the_readme_runs_the_secure_job() -> None:
     assert mnist.server.sampling.fraction == 0.1 and mnist.privacy.user_level is not None
     readme = (root / "README.md").read_text()
     assert "secfl run examples/digits_secure.yaml" in readme.split("## A short tour")[0]
+
+
+def test_bench_dp_smoke_reports_sample_and_user_level_keys(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "dp.json"
+    subprocess.run(
+        [sys.executable, "-m", "secfl", "bench", "dp", "--smoke", "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert report["dp_step_ratio_vs_plain"] > 0
+    for key in ("dp_acc_eps8_digits", "plain_acc_digits", "dp_acc_drop_eps8_digits"):
+        assert 0 <= abs(report[key]) <= 100, key
+    assert 0 <= report["dp_user_acc_eps10_mnist1d"] <= 1 and 0 <= report["plain_acc_mnist1d"] <= 1
+    run_eps10 = report["details"]["user_level_mnist1d"]["runs"]["eps10"]
+    assert run_eps10["accountant"] == "secfl_rdp"  # Skellam shares under masking
+    assert 0 < run_eps10["epsilon_spent"] <= 10.0

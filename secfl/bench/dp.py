@@ -159,15 +159,27 @@ def _accuracies(settings: BenchSettings, workdir: Path) -> dict[str, Any]:
     return out
 
 
-@register_benchmark("dp", "DP-SGD step cost vs plain; digits accuracy at epsilon 1, 3, 8")
+@register_benchmark(
+    "dp",
+    "DP-SGD step cost vs plain; digits accuracy at epsilon 1, 3, 8; MNIST-1D user-level DP "
+    "under SecAgg at epsilon 2, 5, 10",
+)
 def bench_dp(settings: BenchSettings) -> dict[str, Any]:
+    from secfl.bench.dp_user import user_level_accuracies
+
     figures = _step_ratio(settings)
     with tempfile.TemporaryDirectory() as tmp:
         accuracy = _accuracies(settings, Path(tmp))
-    details = {"step": figures.pop("step"), "by_seed": accuracy.pop("by_seed")}
+        user_level = user_level_accuracies(settings, Path(tmp))
+    details = {
+        "step": figures.pop("step"),
+        "by_seed": accuracy.pop("by_seed"),
+        "user_level_mnist1d": user_level.pop("details"),
+    }
     return {
         **figures,
         **accuracy,
+        **user_level,
         "goals": {"dp_step_ratio_vs_plain": "<= 1.5", "dp_acc_drop_eps8_digits": "<= 5"},
         "details": details,
     }
