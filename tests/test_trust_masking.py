@@ -16,6 +16,7 @@ from secfl.audit.events import EventLog, read_events
 from secfl.config import MaskingConfig, TrustConfig
 from secfl.errors import ConfigError, SecAggAbort
 from secfl.messages import FitIns
+from secfl.privacy.distributed import DistributedNoise, user_level_mechanism
 from secfl.randomness import Randomness
 from secfl.runner import run
 from secfl.secagg import SecAggClient, SecAggServer, ShareReleaseLog
@@ -34,6 +35,9 @@ from tests.test_secagg_protocol import Federation
 class CohortFederation(Federation):
     """The protocol harness with sub-cohorts on (every party derives the split itself)."""
 
+    #: User-level DP shares (set, then rebuild the clients with ``make_client``).
+    noise: DistributedNoise | None = None
+
     def make_client(
         self, i: int, registry: IdentityRegistry | None = None, log: ShareReleaseLog | None = None
     ) -> SecAggClient:
@@ -46,6 +50,7 @@ class CohortFederation(Federation):
             randomness=self.randomness,
             compute_update=lambda r, a, h, w, i=i: self.updates[i],
             release_log=log,
+            noise=self.noise,
             cohorts=True,
         )
 
@@ -59,6 +64,7 @@ class CohortFederation(Federation):
             model_hash=b"model-hash",
             weights=np.zeros(self.d, dtype=np.float32),
             registry=self.registry,
+            noise=self.noise,
             cohorts=True,
         )
 
@@ -195,6 +201,34 @@ def test_cohort_params_bind_the_split_rule_and_refuse_a_large_threshold() -> Non
         derive_params(MaskingConfig(threshold=4), n=12, min_cohort=3, cohorts=True)
     with pytest.raises(ConfigError, match="min_cohort >= 2"):
         derive_params(MaskingConfig(), n=12, min_cohort=1, cohorts=True)
+
+
+def test_each_subcohort_sum_carries_the_full_dp_noise() -> None:
+    from secfl.config import config_from_dict
+
+    raw = small_config(**{"data.num_clients": 12}).to_dict()
+    raw["aggregation"] = {"protection": "masking", "min_cohort": 3}
+    raw["trust"] = {"defense": "vote"}
+    raw["privacy"] = {"user_level": {"noise_multiplier": 0.5, "delta": 1e-3, "clip_norm": 1.0}}
+    d = 4000
+    noise = user_level_mechanism(config_from_dict(raw), d)
+    assert isinstance(noise, DistributedNoise)
+    fed = CohortFederation(13, d, MaskingConfig(clip_range=1.0, weighting="uniform"), min_cohort=3)
+    fed.noise = noise
+    fed.clients = {i: fed.make_client(i) for i in fed.ids}
+    for i in fed.ids:  # zero updates: each unmasked sum is its noise exactly
+        fed.updates[i] = (np.zeros(d, dtype=np.float32), 1)
+    srv = fed.run()
+    assert srv.result is not None and len(srv.result.cohorts) == 4
+    bits = srv.params.bits
+    for part in srv.result.cohorts:
+        words = part.raw_sum[:d].astype(np.int64)
+        signed = np.where(words >= 2 ** (bits - 1), words - 2**bits, words).astype(np.float64)
+        # |C_j| shares of variance target^2 / t_j: at least the full target variance
+        expected = len(part.survivors) * noise.client_std(part.threshold) ** 2
+        assert expected >= noise.target_std**2
+        assert abs(signed.var() / expected - 1) < 0.1
+        assert abs(signed.mean()) < 5 * np.sqrt(expected / d)
 
 
 # ---------------------------------------------------------------------------- trust
