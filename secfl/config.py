@@ -82,10 +82,19 @@ class DataConfig(StrictModel):
     num_clients: Annotated[int, Field(ge=1, le=100_000)] = 10
     partition: Partition = Field(default_factory=DirichletPartition)
     shared: SharedDataConfig = Field(default_factory=SharedDataConfig)
+    #: Per-feature standardisation with statistics of the public shared set only (never of
+    #: client or test data): ``auto`` standardises tabular data (1-D inputs) and leaves
+    #: images and signals as loaded; ``shared`` standardises every dataset; ``none`` never.
+    standardize: Literal["auto", "shared", "none"] = "auto"
     cache_dir: str | None = None
 
     @model_validator(mode="after")
     def _user_data_needs_path(self) -> DataConfig:
+        if self.standardize == "shared" and self.shared.per_class < 1:
+            raise ValueError(
+                "data.standardize 'shared' takes its statistics from the public shared set; "
+                "it needs data.shared.per_class >= 1"
+            )
         if self.dataset in ("npz", "csv", "idx") and not self.path:
             raise ValueError(f"data.path is required for dataset {self.dataset!r}")
         if self.dataset == "idx" and not self.labels_path:

@@ -123,3 +123,28 @@ def test_idx_loader(tmp_path: Path) -> None:
     (tmp_path / "junk.idx").write_bytes(b"\x01\x02\x03")
     with pytest.raises(DataError, match="not an IDX"):
         read_idx(tmp_path / "junk.idx")
+
+
+def test_images_standardised_with_shared_statistics_only() -> None:
+    from pydantic import ValidationError
+
+    from secfl.randomness import Randomness
+
+    config = DataConfig(dataset="digits", num_clients=4, standardize="shared")
+    data = build_federated_data(config, Randomness("seeded", 0))
+    raw = build_federated_data(DataConfig(dataset="digits", num_clients=4), Randomness("seeded", 0))
+    assert data.shared.x.shape == raw.shared.x.shape and data.shared.x.ndim == 4
+    flat = data.shared.x.reshape(len(data.shared), -1).astype(np.float64)
+    varying = raw.shared.x.reshape(len(raw.shared), -1).std(axis=0) > 1e-6
+    # the shared set is exactly centred and scaled; client and test data use its statistics
+    assert np.allclose(flat.mean(axis=0), 0.0, atol=1e-5)
+    assert np.allclose(flat.std(axis=0)[varying], 1.0, atol=1e-4)
+    mean = raw.shared.x.reshape(len(raw.shared), -1).mean(axis=0)
+    std = raw.shared.x.reshape(len(raw.shared), -1).std(axis=0)
+    std[std < 1e-6] = 1.0
+    expected = (raw.test.x.reshape(len(raw.test), -1) - mean) / std
+    assert np.allclose(data.test.x.reshape(len(data.test), -1), expected, atol=1e-5)
+    # default: images as loaded
+    assert raw.test.x.min() >= 0.0 and raw.test.x.max() <= 1.0
+    with pytest.raises(ValidationError, match="needs data.shared.per_class >= 1"):
+        DataConfig(dataset="digits", standardize="shared", shared={"per_class": 0})

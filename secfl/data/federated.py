@@ -88,14 +88,17 @@ def _take_shared(
     return shared, rest
 
 
-def _standardise_tabular(pool: Dataset, shared: Dataset) -> Dataset:
-    """Tabular features are standardised with statistics of the public shared set only."""
+def _standardise(pool: Dataset, shared: Dataset) -> Dataset:
+    """Every feature (pixel, sample) standardised with statistics of the public shared set
+    only; features constant on the shared set are only centred."""
     if len(shared) < 2:
         return pool
-    mean = shared.x.mean(axis=0)
-    std = shared.x.std(axis=0)
+    flat = shared.x.reshape(len(shared), -1)
+    mean = flat.mean(axis=0)
+    std = flat.std(axis=0)
     std[std < 1e-6] = 1.0
-    return Dataset(pool.name, ((pool.x - mean) / std).astype(np.float32), pool.y, pool.num_classes)
+    x = (pool.x.reshape(len(pool), -1) - mean) / std
+    return Dataset(pool.name, x.reshape(pool.x.shape).astype(np.float32), pool.y, pool.num_classes)
 
 
 def build_federated_data(config: DataConfig, randomness: Randomness) -> FederatedData:
@@ -106,8 +109,9 @@ def build_federated_data(config: DataConfig, randomness: Randomness) -> Federate
         pool.y[train_idx], config.shared.per_class, pool.num_classes, shared_rng
     )
     shared_idx, client_idx = train_idx[shared_rel], train_idx[rest_rel]
-    if len(pool.input_shape) == 1:
-        pool = _standardise_tabular(pool, pool.subset(shared_idx))
+    tabular = len(pool.input_shape) == 1
+    if config.standardize == "shared" or (config.standardize == "auto" and tabular):
+        pool = _standardise(pool, pool.subset(shared_idx))
     labels = pool.y[client_idx]
     rng = randomness.stream("data.partition").numpy_generator()
     spec = config.partition
