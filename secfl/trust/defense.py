@@ -259,9 +259,7 @@ def decide_by_scalars(
     ref_cos = None
     if reference_inner is not None and reference_norm is not None:
         s1 = np.array([reference_inner[c] for c in ids], dtype=np.float64)
-        ref_cos = np.clip(
-            _safe_ratio(s1, reference_norm * np.sqrt(np.maximum(s2, 0.0))), -1.0, 1.0
-        )
+        ref_cos = np.clip(_safe_ratio(s1, reference_norm * np.sqrt(np.maximum(s2, 0.0))), -1.0, 1.0)
     evidence = VoteEvidence(
         client_ids=ids,
         reference_cosine=ref_cos,
