@@ -19,7 +19,7 @@ The server's protocol is untouched: it receives bytes, as it would from real cli
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,7 +42,6 @@ from secfl.wire import decode_message
 if TYPE_CHECKING:
     from secfl.client.app import ClientApp
     from secfl.config import AdversaryConfig, RunConfig
-    from secfl.he.messages import CkksFitIns
 
 register_event("adversary_selected", ("attack", "clients", "setting"))
 register_event("adversary_update", ("round", "attempt", "client", "attack"))
@@ -138,6 +137,15 @@ class AdversarialTransport:
             return self.inner.exchange(requests)
         if not isinstance(broadcast, FitIns):
             return self.inner.exchange(requests)
+        self._announce_once()
+        active = self._prepare_round(broadcast.round, requests)
+        replies = self.inner.exchange(requests)
+        if not active:
+            return replies
+        return self._replace_malicious(broadcast, requests, replies)
+
+    def _announce_once(self) -> None:
+        """Log ``adversary_selected`` (the evaluations' ground truth) at the first round."""
         if self._announce:
             self._announce = False
             self.events.emit(
@@ -146,14 +154,94 @@ class AdversarialTransport:
                 clients=sorted(self.adversary.malicious),
                 setting=self.adversary.describe(),
             )
-        active = self.adversary.is_active(broadcast.round)
+
+    def _prepare_round(self, round_index: int, requests: Mapping[int, bytes]) -> bool:
+        """Point each malicious participant at its poisoned data in an active round (its
+        clean data otherwise); whether the attack is active this round."""
+        active = self.adversary.is_active(round_index)
         for client_id, (clean, poisoned) in self._data.items():
             if client_id in requests:
                 self._clients[client_id].data = poisoned if active else clean
-        replies = self.inner.exchange(requests)
-        if not active:
-            return replies
-        return self._replace_malicious(broadcast, requests, replies)
+        return active
+
+    def _craft_before_protection(
+        self,
+        broadcast: FitIns,
+        requests: Mapping[int, bytes],
+        *,
+        side_of: Callable[[int], Any],
+        install_tap: Callable[[Any, Callable[[int, int, np.ndarray], None]], None],
+        install_source: Callable[[Any, np.ndarray, int], None],
+    ) -> dict[int, bytes | None]:
+        """Modes where the server never sees an update (``masking``, ``ckks``): the crafted
+        update must go into the malicious client's own protocol side before it masks or
+        encrypts. Honest participants are reached first (a tap on their protocol side
+        records each trained plaintext update when the adversary is omniscient: the
+        simulation's stand-in for an omniscient adversary's view); then the adversary trains
+        its own participants, crafts, installs each crafted update as that client's update
+        source and reaches them; they mask or encrypt it like any update. Client-id order
+        throughout, so ``seeded`` runs are deterministic."""
+        malicious = sorted(c for c in requests if self.adversary.is_malicious(c))
+        honest_ids = sorted(c for c in requests if c not in self.adversary.malicious)
+        sides = {client_id: side_of(client_id) for client_id in sorted(requests)}
+        seen: dict[int, np.ndarray] = {}
+
+        def tap_for(client_id: int) -> Callable[[int, int, np.ndarray], None]:
+            def tap(round_index: int, attempt: int, delta: np.ndarray) -> None:
+                if (round_index, attempt) == (broadcast.round, broadcast.attempt):
+                    seen[client_id] = np.array(delta, dtype=np.float32)
+
+            return tap
+
+        try:
+            if self.adversary.omniscient:
+                for client_id in honest_ids:
+                    install_tap(sides[client_id], tap_for(client_id))
+            replies = self.inner.exchange({c: requests[c] for c in honest_ids})
+        finally:
+            for client_id in honest_ids:
+                sides[client_id].tap = None
+        if not malicious:
+            return {c: replies.get(c) for c in requests}
+        benign: dict[int, np.ndarray] = {}
+        samples: dict[int, int] = {}
+        for client_id in malicious:
+            delta, result = self._apps[client_id].train(broadcast)  # the adversary's own
+            benign[client_id] = delta
+            samples[client_id] = int(result.num_samples)
+        crafted = self.adversary.craft_round(
+            broadcast.round,
+            broadcast.attempt,
+            num_participants=len(requests),
+            benign=benign,
+            honest=seen,
+            stream=self.randomness.stream(
+                "adversary.craft",
+                round_index=broadcast.round,
+                attempt=broadcast.attempt,
+                party="adversary",
+            ),
+        )
+        try:
+            for client_id in malicious:
+                install_source(sides[client_id], crafted.updates[client_id], samples[client_id])
+            replies.update(self.inner.exchange({c: requests[c] for c in malicious}))
+        finally:
+            for client_id in malicious:
+                sides[client_id].source = None
+        for client_id in malicious:
+            update = crafted.updates[client_id]
+            self.events.emit(
+                "adversary_update",
+                round=broadcast.round,
+                attempt=broadcast.attempt,
+                client=client_id,
+                attack=self.adversary.attack.name,
+                benign_norm=float(np.linalg.norm(benign[client_id])),
+                crafted_norm=float(np.linalg.norm(update)),
+                **crafted.notes[client_id],
+            )
+        return {c: replies.get(c) for c in requests}
 
     def _replace_malicious(
         self,
@@ -246,6 +334,7 @@ class CkksAdversarialTransport(AdversarialTransport):
     """
 
     def exchange(self, requests: Mapping[int, bytes]) -> dict[int, bytes | None]:
+        from secfl.he.client import ckks_client_of
         from secfl.he.messages import CkksFitIns
 
         if not requests:
@@ -256,98 +345,36 @@ class CkksAdversarialTransport(AdversarialTransport):
             return self.inner.exchange(requests)
         if not isinstance(broadcast, CkksFitIns):
             return self.inner.exchange(requests)
-        if self._announce:
-            self._announce = False
-            self.events.emit(
-                "adversary_selected",
-                attack=self.adversary.attack.name,
-                clients=sorted(self.adversary.malicious),
-                setting=self.adversary.describe(),
-            )
-        active = self.adversary.is_active(broadcast.round)
-        for client_id, (clean, poisoned) in self._data.items():
-            if client_id in requests:
-                self._clients[client_id].data = poisoned if active else clean
-        if not active:
+        self._announce_once()
+        if not self._prepare_round(broadcast.round, requests):
             return self.inner.exchange(requests)
-        return self._craft_round(broadcast, requests)
 
-    def _craft_round(
-        self, broadcast: CkksFitIns, requests: Mapping[int, bytes]
-    ) -> dict[int, bytes | None]:
-        from secfl.he.client import ckks_client_of
-
-        malicious = sorted(c for c in requests if self.adversary.is_malicious(c))
-        honest_ids = sorted(c for c in requests if c not in self.adversary.malicious)
-        sides = {}
-        for client_id in sorted(requests):
+        def side_of(client_id: int) -> Any:
             app = self._apps.get(client_id)
             side = None if app is None else ckks_client_of(app)
             if side is None:
                 raise ConfigError(f"client {client_id} has no simulated CKKS side to attack")
-            sides[client_id] = side
-        seen: dict[int, np.ndarray] = {}
+            return side
 
-        def tap(ins: CkksFitIns, delta: np.ndarray, client_id: int) -> None:
-            if (ins.round, ins.attempt) == (broadcast.round, broadcast.attempt):
-                seen[client_id] = np.array(delta, dtype=np.float32)
+        def install_tap(side: Any, tap: Callable[[int, int, np.ndarray], None]) -> None:
+            side.tap = lambda ins, delta: tap(ins.round, ins.attempt, delta)
 
-        try:
-            if self.adversary.omniscient:
-                for client_id in honest_ids:
-                    sides[client_id].tap = lambda ins, delta, c=client_id: tap(ins, delta, c)
-            replies = self.inner.exchange({c: requests[c] for c in honest_ids})
-        finally:
-            for client_id in honest_ids:
-                sides[client_id].tap = None
-        if not malicious:
-            return replies
+        def install_source(side: Any, update: np.ndarray, samples: int) -> None:
+            side.source = lambda ins: (update, samples)
+
         fit = FitIns(
             round=broadcast.round,
             attempt=broadcast.attempt,
             model_hash=broadcast.model_hash,
             weights=broadcast.weights,
         )
-        benign: dict[int, np.ndarray] = {}
-        samples: dict[int, int] = {}
-        for client_id in malicious:
-            delta, result = self._apps[client_id].train(fit)  # the adversary's own client
-            benign[client_id] = delta
-            samples[client_id] = result.num_samples
-        crafted = self.adversary.craft_round(
-            broadcast.round,
-            broadcast.attempt,
-            num_participants=len(requests),
-            benign=benign,
-            honest=seen,
-            stream=self.randomness.stream(
-                "adversary.craft",
-                round_index=broadcast.round,
-                attempt=broadcast.attempt,
-                party="adversary",
-            ),
+        return self._craft_before_protection(
+            fit,
+            requests,
+            side_of=side_of,
+            install_tap=install_tap,
+            install_source=install_source,
         )
-        try:
-            for client_id in malicious:
-                update = crafted.updates[client_id]
-                sides[client_id].source = lambda ins, u=update, n=samples[client_id]: (u, n)
-            replies.update(self.inner.exchange({c: requests[c] for c in malicious}))
-        finally:
-            for client_id in malicious:
-                sides[client_id].source = None
-        for client_id in malicious:
-            update = crafted.updates[client_id]
-            self.events.emit(
-                "adversary_update",
-                round=broadcast.round,
-                attempt=broadcast.attempt,
-                client=client_id,
-                attack=self.adversary.attack.name,
-                benign_norm=float(np.linalg.norm(benign[client_id])),
-                crafted_norm=float(np.linalg.norm(update)),
-                **crafted.notes[client_id],
-            )
-        return {c: replies.get(c) for c in requests}
 
 
 class MaskingAdversarialTransport(AdversarialTransport):
@@ -391,11 +418,11 @@ class MaskingAdversarialTransport(AdversarialTransport):
             clients=clients,
             announce=announce,
         )
-        self._secagg_apps: dict[int, ClientApp] = dict(clients or {})
         self._broadcast: FitIns | None = None
 
     def exchange(self, requests: Mapping[int, bytes]) -> dict[int, bytes | None]:
         from secfl.secagg import messages as sm
+        from secfl.secagg.simulation import secagg_client_of
 
         if not requests:
             return {}
@@ -410,14 +437,7 @@ class MaskingAdversarialTransport(AdversarialTransport):
                 model_hash=first.model_hash,
                 weights=first.weights,
             )
-            if self._announce:
-                self._announce = False
-                self.events.emit(
-                    "adversary_selected",
-                    attack=self.adversary.attack.name,
-                    clients=sorted(self.adversary.malicious),
-                    setting=self.adversary.describe(),
-                )
+            self._announce_once()
             return self.inner.exchange(requests)
         if not isinstance(first, sm.MaskedInputIns):
             return self.inner.exchange(requests)
@@ -430,84 +450,29 @@ class MaskingAdversarialTransport(AdversarialTransport):
                 f"masking adversary: no broadcast seen for round {first.round} attempt "
                 f"{first.attempt}"
             )
-        active = self.adversary.is_active(broadcast.round)
-        for client_id, (clean, poisoned) in self._data.items():
-            if client_id in requests:
-                self._clients[client_id].data = poisoned if active else clean
-        if not active:
+        if not self._prepare_round(broadcast.round, requests):
             return self.inner.exchange(requests)
-        return self._craft_masked_round(broadcast, requests)
 
-    def _craft_masked_round(
-        self, broadcast: FitIns, requests: Mapping[int, bytes]
-    ) -> dict[int, bytes | None]:
-        from secfl.secagg.simulation import secagg_client_of
-
-        malicious = sorted(c for c in requests if self.adversary.is_malicious(c))
-        honest_ids = sorted(c for c in requests if c not in self.adversary.malicious)
-        sides = {}
-        for client_id in sorted(requests):
-            app = self._secagg_apps.get(client_id)
+        def side_of(client_id: int) -> Any:
+            app = self._apps.get(client_id)
             side = None if app is None else secagg_client_of(app)
             if side is None:
                 raise ConfigError(f"client {client_id} has no simulated SecAgg side to attack")
-            sides[client_id] = side
-        seen: dict[int, np.ndarray] = {}
+            return side
 
-        def tap(round_index: int, attempt: int, delta: np.ndarray, client_id: int) -> None:
-            if (round_index, attempt) == (broadcast.round, broadcast.attempt):
-                seen[client_id] = np.array(delta, dtype=np.float32)
+        def install_tap(side: Any, tap: Callable[[int, int, np.ndarray], None]) -> None:
+            side.tap = tap
 
-        try:
-            if self.adversary.omniscient:
-                for client_id in honest_ids:
-                    sides[client_id].tap = lambda r, a, d, c=client_id: tap(r, a, d, c)
-            replies = self.inner.exchange({c: requests[c] for c in honest_ids})
-        finally:
-            for client_id in honest_ids:
-                sides[client_id].tap = None
-        if not malicious:
-            return {c: replies.get(c) for c in requests}
-        benign: dict[int, np.ndarray] = {}
-        samples: dict[int, int] = {}
-        for client_id in malicious:
-            delta, result = self._secagg_apps[client_id].train(broadcast)  # its own client
-            benign[client_id] = delta
-            samples[client_id] = int(result.num_samples)
-        crafted = self.adversary.craft_round(
-            broadcast.round,
-            broadcast.attempt,
-            num_participants=len(requests),
-            benign=benign,
-            honest=seen,
-            stream=self.randomness.stream(
-                "adversary.craft",
-                round_index=broadcast.round,
-                attempt=broadcast.attempt,
-                party="adversary",
-            ),
+        def install_source(side: Any, update: np.ndarray, samples: int) -> None:
+            side.source = lambda round_index, attempt: (update, samples)
+
+        return self._craft_before_protection(
+            broadcast,
+            requests,
+            side_of=side_of,
+            install_tap=install_tap,
+            install_source=install_source,
         )
-        try:
-            for client_id in malicious:
-                update, count = crafted.updates[client_id], samples[client_id]
-                sides[client_id].source = lambda r, a, u=update, n=count: (u, n)
-            replies.update(self.inner.exchange({c: requests[c] for c in malicious}))
-        finally:
-            for client_id in malicious:
-                sides[client_id].source = None
-        for client_id in malicious:
-            update = crafted.updates[client_id]
-            self.events.emit(
-                "adversary_update",
-                round=broadcast.round,
-                attempt=broadcast.attempt,
-                client=client_id,
-                attack=self.adversary.attack.name,
-                benign_norm=float(np.linalg.norm(benign[client_id])),
-                crafted_norm=float(np.linalg.norm(update)),
-                **crafted.notes[client_id],
-            )
-        return {c: replies.get(c) for c in requests}
 
 
 def with_adversary(
