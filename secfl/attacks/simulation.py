@@ -164,6 +164,20 @@ class AdversarialTransport:
                 self._clients[client_id].data = poisoned if active else clean
         return active
 
+    def _side_lookup(
+        self, side_of_app: Callable[[ClientApp], Any], label: str
+    ) -> Callable[[int], Any]:
+        """Each participant's protocol side (its SecAgg or CKKS state machine)."""
+
+        def side_of(client_id: int) -> Any:
+            app = self._apps.get(client_id)
+            side = None if app is None else side_of_app(app)
+            if side is None:
+                raise ConfigError(f"client {client_id} has no simulated {label} side to attack")
+            return side
+
+        return side_of
+
     def _craft_before_protection(
         self,
         broadcast: FitIns,
@@ -349,13 +363,6 @@ class CkksAdversarialTransport(AdversarialTransport):
         if not self._prepare_round(broadcast.round, requests):
             return self.inner.exchange(requests)
 
-        def side_of(client_id: int) -> Any:
-            app = self._apps.get(client_id)
-            side = None if app is None else ckks_client_of(app)
-            if side is None:
-                raise ConfigError(f"client {client_id} has no simulated CKKS side to attack")
-            return side
-
         def install_tap(side: Any, tap: Callable[[int, int, np.ndarray], None]) -> None:
             side.tap = lambda ins, delta: tap(ins.round, ins.attempt, delta)
 
@@ -371,7 +378,7 @@ class CkksAdversarialTransport(AdversarialTransport):
         return self._craft_before_protection(
             fit,
             requests,
-            side_of=side_of,
+            side_of=self._side_lookup(ckks_client_of, "CKKS"),
             install_tap=install_tap,
             install_source=install_source,
         )
@@ -453,13 +460,6 @@ class MaskingAdversarialTransport(AdversarialTransport):
         if not self._prepare_round(broadcast.round, requests):
             return self.inner.exchange(requests)
 
-        def side_of(client_id: int) -> Any:
-            app = self._apps.get(client_id)
-            side = None if app is None else secagg_client_of(app)
-            if side is None:
-                raise ConfigError(f"client {client_id} has no simulated SecAgg side to attack")
-            return side
-
         def install_tap(side: Any, tap: Callable[[int, int, np.ndarray], None]) -> None:
             side.tap = tap
 
@@ -469,7 +469,7 @@ class MaskingAdversarialTransport(AdversarialTransport):
         return self._craft_before_protection(
             broadcast,
             requests,
-            side_of=side_of,
+            side_of=self._side_lookup(secagg_client_of, "SecAgg"),
             install_tap=install_tap,
             install_source=install_source,
         )
