@@ -37,6 +37,40 @@ class UserLevelMechanism(Protocol):
         ...
 
 
+def client_weight(weighting: str, num_samples: int, weight_unit: float, max_weight: float) -> float:
+    """A client's user-level weight: 1 (``uniform``) or min(records / unit, w_max)."""
+    if weighting == "uniform":
+        return 1.0
+    return min(num_samples / weight_unit, max_weight)
+
+
+def server_event(
+    mechanism: str,
+    sigma: float,
+    sensitivity: float,
+    *,
+    sampling_rate: float,
+    amplification: Amplification,
+    round_index: int,
+    attempt: int,
+    l1_sensitivity: float | None = None,
+) -> DpEvent:
+    """One round's user-level event, charged to the global (``server``) ledger."""
+    return DpEvent(
+        mechanism=mechanism,
+        noise_multiplier=sigma,
+        sampling_rate=sampling_rate,
+        steps=1,
+        sensitivity=sensitivity,
+        level="user",
+        round=round_index,
+        party="server",
+        attempt=attempt,
+        amplification=amplification,
+        l1_sensitivity=l1_sensitivity,
+    )
+
+
 def clip_to_norm(update: np.ndarray, clip_norm: float) -> np.ndarray:
     """``update`` scaled down to L2 norm at most ``clip_norm`` (never scaled up)."""
     norm = float(np.linalg.norm(update.astype(np.float64)))
@@ -87,22 +121,17 @@ class CentralGaussianMechanism:
         return self.expected_cohort * self.max_client_weight
 
     def weight(self, num_samples: int) -> float:
-        if self.weighting == "uniform":
-            return 1.0
-        return min(num_samples / self.weight_unit, self.max_weight)
+        return client_weight(self.weighting, num_samples, self.weight_unit, self.max_weight)
 
     def planned_event(self, round_index: int, attempt: int = 0) -> DpEvent:
-        return DpEvent(
-            mechanism="subsampled_gaussian",
-            noise_multiplier=self.noise_multiplier,
+        return server_event(
+            "subsampled_gaussian",
+            self.noise_multiplier,
+            self.sensitivity,
             sampling_rate=self.sampling_rate,
-            steps=1,
-            sensitivity=self.sensitivity,
-            level="user",
-            round=round_index,
-            party="server",
-            attempt=attempt,
             amplification=self.amplification,
+            round_index=round_index,
+            attempt=attempt,
         )
 
     def release_mean(

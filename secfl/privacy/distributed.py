@@ -46,8 +46,10 @@ from secfl.privacy.accountants import calibrate_noise_multiplier
 from secfl.privacy.central import (
     CentralGaussianMechanism,
     central_mechanism,
+    client_weight,
     clip_to_norm,
     expected_cohort,
+    server_event,
     user_level_noise_multiplier,
 )
 from secfl.privacy.events import Amplification, DpEvent
@@ -175,7 +177,8 @@ class DistributedNoise:
             )
         if not np.isfinite(update).all():
             raise PrivacyError("update holds NaN or Inf; refusing to privatise it")
-        weight = self._weight(num_samples) / self._max_client_weight
+        weight = client_weight(self.weighting, num_samples, self.weight_unit, self.max_weight)
+        weight /= self._max_client_weight
         return clip_to_norm(update, self.clip_norm * _CLIP_SHRINK) * weight
 
     def client_noise(self, stream: RandomStream, threshold: int) -> np.ndarray:
@@ -218,28 +221,20 @@ class DistributedNoise:
         return self._event(std / self.sensitivity, round_index, attempt)
 
     def _event(self, sigma: float, round_index: int, attempt: int) -> DpEvent:
-        return DpEvent(
-            mechanism=self.mechanism,
-            noise_multiplier=sigma,
+        return server_event(
+            self.mechanism,
+            sigma,
+            self.sensitivity,
             sampling_rate=self.sampling_rate,
-            steps=1,
-            sensitivity=self.sensitivity,
-            level="user",
-            round=round_index,
-            party="server",
-            attempt=attempt,
             amplification=self.amplification,
+            round_index=round_index,
+            attempt=attempt,
             l1_sensitivity=self.l1_sensitivity,
         )
 
     @property
     def _max_client_weight(self) -> float:
         return self.max_weight if self.weighting == "capped" else 1.0
-
-    def _weight(self, num_samples: int) -> float:
-        if self.weighting == "uniform":
-            return 1.0
-        return min(num_samples / self.weight_unit, self.max_weight)
 
     def check_ckks_range(self, clip_range: float, threshold: int) -> None:
         """CKKS clips coordinates to [-R, R]; a noised share must fit unclipped (clipping it
