@@ -25,6 +25,7 @@ from secfl.errors import CheckpointError, ConfigError, UpdateError
 from secfl.server.aggregate import WeightedSum
 from secfl.trust import baselines
 from secfl.trust.flag import (
+    Threshold,
     compare_with,
     cosine_matrix,
     cosine_with,
@@ -162,21 +163,7 @@ def decide_by_vote(
         values = compare_with(x, x[elected], config.compare.metrics)
         for i, c in enumerate(ids):
             metrics[c] = {m: float(v[i]) for m, v in values.items()}
-        settings = config.threshold
-        if settings.kind == "fixed":
-            bounds = fixed_thresholds(
-                cosine_min=settings.cosine_min,
-                distance_max=settings.distance_max,
-                norm_ratio_max=settings.norm_ratio_max,
-                metrics=config.compare.metrics,
-            )
-        else:
-            bounds = robust_thresholds(
-                values,
-                _population(len(ids), elected, sybil_rows, ref_cos),
-                k=settings.k,
-                min_spread=settings.min_spread,
-            )
+        bounds = _thresholds(config, values, _population(len(ids), elected, sybil_rows, ref_cos))
         thresholds = {m: t.describe() for m, t in bounds.items()}
         outliers = flag_outliers(
             values, bounds, exempt=(elected,), against=f"trusted party {trusted}"
@@ -284,21 +271,7 @@ def decide_by_scalars(
         values = scalar_metrics(s2, s3, elected, config.compare.metrics)
         for i, c in enumerate(ids):
             metrics[c] = {m: float(v[i]) for m, v in values.items()}
-        settings = config.threshold
-        if settings.kind == "fixed":
-            bounds = fixed_thresholds(
-                cosine_min=settings.cosine_min,
-                distance_max=settings.distance_max,
-                norm_ratio_max=settings.norm_ratio_max,
-                metrics=config.compare.metrics,
-            )
-        else:
-            bounds = robust_thresholds(
-                values,
-                _population(len(ids), elected, set(), ref_cos),
-                k=settings.k,
-                min_spread=settings.min_spread,
-            )
+        bounds = _thresholds(config, values, _population(len(ids), elected, set(), ref_cos))
         thresholds = {m: t.describe() for m, t in bounds.items()}
         outliers = flag_outliers(
             values, bounds, exempt=(elected,), against=f"trusted party {trusted}"
@@ -322,6 +295,21 @@ def decide_by_scalars(
         metrics=metrics,
         thresholds=thresholds,
     )
+
+
+def _thresholds(
+    config: TrustConfig, values: Mapping[str, np.ndarray], population: np.ndarray
+) -> dict[str, Threshold]:
+    """The round's flagging bounds: fixed, or median + k MAD over ``population``."""
+    settings = config.threshold
+    if settings.kind == "fixed":
+        return fixed_thresholds(
+            cosine_min=settings.cosine_min,
+            distance_max=settings.distance_max,
+            norm_ratio_max=settings.norm_ratio_max,
+            metrics=config.compare.metrics,
+        )
+    return robust_thresholds(values, population, k=settings.k, min_spread=settings.min_spread)
 
 
 def _population(
