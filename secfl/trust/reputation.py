@@ -12,7 +12,7 @@ verdicts on the sub-cohorts a client was placed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -52,19 +52,12 @@ class Reputation:
             self._values[client_id] = self.of(client_id) * self.decay
 
     def state(self) -> dict[str, Any]:
-        return {"values": {str(c): v for c, v in sorted(self._values.items())}}
+        return _scores_state(self._values)
 
     def load_state(self, raw: Mapping[str, Any] | None) -> None:
-        if not raw:
-            self._values = {}
-            return
-        try:
-            values = {int(c): float(v) for c, v in raw["values"].items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"trust reputation state is malformed: {exc}") from exc
-        if not all(0.0 <= v <= 1.0 for v in values.values()):
-            raise CheckpointError("trust reputation state holds a value outside [0, 1]")
-        self._values = values
+        self._values = _load_scores(
+            raw, "reputation", lambda v: 0.0 <= v <= 1.0, "a value outside [0, 1]"
+        )
 
 
 class Suspicion:
@@ -109,19 +102,34 @@ class Suspicion:
             self._values[client_id] = self.of(client_id) + self.step
 
     def state(self) -> dict[str, Any]:
-        return {"values": {str(c): v for c, v in sorted(self._values.items())}}
+        return _scores_state(self._values)
 
     def load_state(self, raw: Mapping[str, Any] | None) -> None:
-        if not raw:
-            self._values = {}
-            return
-        try:
-            values = {int(c): float(v) for c, v in raw["values"].items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"trust suspicion state is malformed: {exc}") from exc
-        if not all(np.isfinite(v) and v >= 0.0 for v in values.values()):
-            raise CheckpointError("trust suspicion state holds a negative or non-finite value")
-        self._values = values
+        self._values = _load_scores(
+            raw,
+            "suspicion",
+            lambda v: bool(np.isfinite(v)) and v >= 0.0,
+            "a negative or non-finite value",
+        )
+
+
+def _scores_state(values: Mapping[int, float]) -> dict[str, Any]:
+    return {"values": {str(c): v for c, v in sorted(values.items())}}
+
+
+def _load_scores(
+    raw: Mapping[str, Any] | None, what: str, valid: Callable[[float], bool], rule: str
+) -> dict[int, float]:
+    """Per-client scores from checkpoint state; a malformed state is a CheckpointError."""
+    if not raw:
+        return {}
+    try:
+        values = {int(c): float(v) for c, v in raw["values"].items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"trust {what} state is malformed: {exc}") from exc
+    if not all(valid(v) for v in values.values()):
+        raise CheckpointError(f"trust {what} state holds {rule}")
+    return values
 
     @property
     def recorded(self) -> bool:
