@@ -112,6 +112,11 @@ class Suspicion:
             "a negative or non-finite value",
         )
 
+    @property
+    def recorded(self) -> bool:
+        """Whether any client has a suspicion value (only sub-cohort rounds record one)."""
+        return bool(self._values)
+
 
 def _scores_state(values: Mapping[int, float]) -> dict[str, Any]:
     return {"values": {str(c): v for c, v in sorted(values.items())}}
@@ -130,8 +135,3 @@ def _load_scores(
     if not all(valid(v) for v in values.values()):
         raise CheckpointError(f"trust {what} state holds {rule}")
     return values
-
-    @property
-    def recorded(self) -> bool:
-        """Whether any client has a suspicion value (only sub-cohort rounds record one)."""
-        return bool(self._values)
