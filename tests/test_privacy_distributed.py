@@ -236,3 +236,13 @@ def test_bench_dp_smoke_reports_sample_and_user_level_keys(tmp_path: Path) -> No
     run_eps10 = report["details"]["user_level_mnist1d"]["runs"]["eps10"]
     assert run_eps10["accountant"] == "secfl_rdp"  # Skellam shares under masking
     assert 0 < run_eps10["epsilon_spent"] <= 10.0
+
+
+def test_a_modulus_too_small_for_the_noise_fails_at_build_time(tmp_path: Path) -> None:
+    config = _config(
+        "masking",
+        aggregation={"protection": "masking", "min_cohort": 3, "masking": {"bits": 20}},
+        privacy={"user_level": {"noise_multiplier": 5.0, "delta": 1e-2, "clip_norm": 0.5}},
+    )
+    with pytest.raises(ConfigError, match=r"plus DP noise up to \d+ needs \d+ bits"):
+        run(config, tmp_path / "run")

@@ -33,6 +33,7 @@ from secfl.secagg import messages as m
 from secfl.secagg.client import SecAggClient, ShareReleaseLog
 from secfl.secagg.encoding import decode_mean
 from secfl.secagg.identity import IdentityRegistry
+from secfl.secagg.params import derive_params
 from secfl.secagg.server import SecAggResult, SecAggServer
 from secfl.server.protection import AggregateResult, RoundContext, record_dropout
 from secfl.transport.base import Transport
@@ -258,6 +259,14 @@ def build_protection(
                 f"replaced by the L2 clip {user_level.clip_norm} and uniform SecAgg weights "
                 "(each client's weight is folded into its clipped value)"
             ),
+        )
+        # fail at build time, not at every round start, if the modulus cannot hold the
+        # noise of a round with every client taking part (the largest sum the run can see)
+        derive_params(
+            masking,
+            n=max(2, len(clients)),
+            min_cohort=config.aggregation.min_cohort,
+            noise=user_level,
         )
     min_cohort = config.aggregation.min_cohort
     keys = {app.client_id: identity_key(randomness, app.client_id) for app in clients}
