@@ -32,6 +32,7 @@ from secfl.he.messages import (
     ScalarRequest,
     unframe_blobs,
 )
+from secfl.randomness import Randomness
 from secfl.wire import decode_message
 
 if TYPE_CHECKING:
@@ -151,9 +152,10 @@ def measure_trust_scalars(d: int, *, clients: int = 2, clip_range: float = 1.0) 
         raise CkksError(f"measure_trust_scalars needs d >= 1 and clients >= 2, got {d}, {clients}")
     secret = ckks.SecretContext(ckks.TRUST)
     public = ckks.PublicContext(ckks.TRUST, secret.server_context_bytes())
-    generator = np.random.default_rng()  # timing data only, never secret
-    vectors = [generator.uniform(-clip_range, clip_range, d) * 0.01 for _ in range(clients)]
-    reference = generator.normal(size=d) * 0.01
+    # timing data only, never secret; drawn like every other value in secfl (DESIGN 3b)
+    stream = Randomness("seeded", 0).stream("bench.trust_scalars")
+    vectors = [(stream.uniform(d) * 2.0 - 1.0) * clip_range * 0.01 for _ in range(clients)]
+    reference = stream.normal(d) * 0.01
     blobs = [ckks.encrypt_vector(public, v) for v in vectors]
     split = {"reference": 0.0, "norm": 0.0, "trusted": 0.0, "conjugate_trusted": 0.0}
     started = time.perf_counter()
