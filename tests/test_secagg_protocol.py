@@ -4,6 +4,7 @@ bytes): the unmasked sum equals the survivors' plaintext sum, dropouts at every 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -73,7 +74,12 @@ class Federation:
             randomness=self.randomness,
             compute_update=lambda r, a, h, w, i=i: self.updates[i],
             release_log=log,
+            **self.party_options(),
         )
+
+    def party_options(self) -> dict[str, Any]:
+        """Keyword options every party gets (subclasses: sub-cohorts, DP noise)."""
+        return {}
 
     def server(self, round_index: int = 1, attempt: int = 0) -> SecAggServer:
         return SecAggServer(
@@ -85,6 +91,7 @@ class Federation:
             model_hash=b"model-hash",
             weights=np.zeros(self.d, dtype=np.float32),
             registry=self.registry,
+            **self.party_options(),
         )
 
     def deliver(self, client_id: int, payload: bytes) -> bytes:

@@ -19,11 +19,9 @@ from secfl.messages import FitIns
 from secfl.privacy.distributed import DistributedNoise, user_level_mechanism
 from secfl.randomness import Randomness
 from secfl.runner import run
-from secfl.secagg import SecAggClient, SecAggServer, ShareReleaseLog
 from secfl.secagg import messages as m
 from secfl.secagg.encoding import client_weight, encode_reference
 from secfl.secagg.graph import cohort_seed, split_cohorts
-from secfl.secagg.identity import IdentityRegistry
 from secfl.secagg.params import derive_params
 from secfl.secagg.simulation import MaskingProtection
 from secfl.server.protection import RoundContext
@@ -38,35 +36,8 @@ class CohortFederation(Federation):
     #: User-level DP shares (set, then rebuild the clients with ``make_client``).
     noise: DistributedNoise | None = None
 
-    def make_client(
-        self, i: int, registry: IdentityRegistry | None = None, log: ShareReleaseLog | None = None
-    ) -> SecAggClient:
-        return SecAggClient(
-            i,
-            masking=self.masking,
-            min_cohort=self.min_cohort,
-            signing_key=self.keys[i],
-            registry=registry or self.registry,
-            randomness=self.randomness,
-            compute_update=lambda r, a, h, w, i=i: self.updates[i],
-            release_log=log,
-            noise=self.noise,
-            cohorts=True,
-        )
-
-    def server(self, round_index: int = 1, attempt: int = 0) -> SecAggServer:
-        return SecAggServer(
-            masking=self.masking,
-            min_cohort=self.min_cohort,
-            participants=self.ids,
-            round_index=round_index,
-            attempt=attempt,
-            model_hash=b"model-hash",
-            weights=np.zeros(self.d, dtype=np.float32),
-            registry=self.registry,
-            noise=self.noise,
-            cohorts=True,
-        )
+    def party_options(self) -> dict[str, Any]:
+        return {"noise": self.noise, "cohorts": True}
 
     def cohort_raw_sum(self, survivors: tuple[int, ...]) -> np.ndarray:
         params = derive_params(
