@@ -485,7 +485,7 @@ class TrustThresholdConfig(StrictModel):
     others); ``fixed`` uses ``cosine_min``, ``distance_max``, ``norm_ratio_max``."""
 
     kind: Literal["mad", "fixed"] = "mad"
-    k: Annotated[float, Field(gt=0, le=100)] = 3.0
+    k: Annotated[float, Field(gt=0, le=100)] = 4.0
     min_spread: Annotated[float, Field(ge=0, le=10)] = 0.1
     cosine_min: Annotated[float, Field(ge=-1, le=1)] | None = None
     distance_max: PositiveFloat | None = None
@@ -558,7 +558,7 @@ class TrustSuspicionConfig(StrictModel):
 
     step: Annotated[float, Field(gt=0, le=1e6)] = 1.0
     forgive: Annotated[float, Field(ge=0, le=1)] = 0.5
-    bound: Annotated[float, Field(gt=0, le=1e6)] = 4.0
+    bound: Annotated[float, Field(gt=0, le=1e6)] = 6.0
 
 
 class TrustConfig(StrictModel):

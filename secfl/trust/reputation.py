@@ -71,7 +71,7 @@ class Suspicion:
     reaches ``bound`` is excluded before masking in every later round (a permanent verdict:
     an excluded client gives no further evidence). Plain JSON state, exact on resume."""
 
-    def __init__(self, *, step: float = 1.0, forgive: float = 0.5, bound: float = 4.0):
+    def __init__(self, *, step: float = 1.0, forgive: float = 0.5, bound: float = 6.0):
         for name, value, low, high in (
             ("trust.suspicion.step", step, 0.0, 1e6),
             ("trust.suspicion.forgive", forgive, 0.0, 1.0),
