@@ -407,25 +407,8 @@ class MaskingAdversarialTransport(AdversarialTransport):
     are deterministic. Every crafted update is logged as ``adversary_update``.
     """
 
-    def __init__(
-        self,
-        inner: Transport,
-        adversary: Adversary,
-        *,
-        randomness: Randomness,
-        events: EventLog,
-        clients: Mapping[int, ClientApp] | None = None,
-        announce: bool = True,
-    ) -> None:
-        super().__init__(
-            inner,
-            adversary,
-            randomness=randomness,
-            events=events,
-            clients=clients,
-            announce=announce,
-        )
-        self._broadcast: FitIns | None = None
+    #: The round's model, remembered from its AdvertiseKeysIns (clients train later).
+    _broadcast: FitIns | None = None
 
     def exchange(self, requests: Mapping[int, bytes]) -> dict[int, bytes | None]:
         from secfl.secagg import messages as sm

@@ -172,21 +172,8 @@ def derive_params(
         raise ConfigError(
             f"aggregation.min_cohort={min_cohort} exceeds the round's {n} participants"
         )
-    bits = _modulus_bits(masking, n=n, threshold=t, noise=noise)
-    return SecAggParams(
-        n=n,
-        graph="complete" if k >= n - 1 else "k_regular",
-        k=k,
-        threshold=t,
-        bits=bits,
-        resolution_bits=masking.resolution_bits,
-        clip_range=masking.clip_range,
-        weighting=masking.weighting,
-        max_weight=masking.max_weight,
-        variant=masking.variant,
-        min_cohort=min_cohort,
-        seed_bytes=masking.seed_bytes,
-    )
+    graph = "complete" if k >= n - 1 else "k_regular"
+    return _params(masking, n=n, graph=graph, k=k, t=t, min_cohort=min_cohort, noise=noise)
 
 
 def _derive_cohort_params(
@@ -213,13 +200,30 @@ def _derive_cohort_params(
     t = max(min_cohort, _floor_rule(k, masking.variant))
     # A sub-cohort's threshold is at least that of a smallest one, so each client's noise
     # share is at most the share sized for t; n such shares bound the noise in any sum.
-    bits = _modulus_bits(masking, n=n, threshold=t, noise=noise)
+    return _params(
+        masking, n=n, graph="cohorts", k=k, t=t, min_cohort=min_cohort, noise=noise, cohorts=True
+    )
+
+
+def _params(
+    masking: MaskingConfig,
+    *,
+    n: int,
+    graph: str,
+    k: int,
+    t: int,
+    min_cohort: int,
+    noise: NoiseHeadroom | None,
+    cohorts: bool = False,
+) -> SecAggParams:
+    """The round's parameters: the graph and threshold chosen, the rest from the config and
+    the modulus that holds n encoded values and the DP noise."""
     return SecAggParams(
         n=n,
-        graph="cohorts",
+        graph=graph,
         k=k,
         threshold=t,
-        bits=bits,
+        bits=_modulus_bits(masking, n=n, threshold=t, noise=noise),
         resolution_bits=masking.resolution_bits,
         clip_range=masking.clip_range,
         weighting=masking.weighting,
@@ -227,7 +231,7 @@ def _derive_cohort_params(
         variant=masking.variant,
         min_cohort=min_cohort,
         seed_bytes=masking.seed_bytes,
-        cohorts=True,
+        cohorts=cohorts,
     )
 
 
