@@ -317,14 +317,18 @@ def _population(
 ) -> np.ndarray:
     """Rows the robust centre and spread are estimated on: everyone but the trusted party
     and the Sybils, restricted to those the reference vouches for (cosine > 0) when at
-    least :data:`MIN_POPULATION` are; otherwise the wider set. A minority of colluders then
-    cannot inflate the spread enough to hide among the honest."""
+    least :data:`MIN_POPULATION` are and they are a strict majority of the wider set;
+    otherwise the wider set. A minority of colluders then cannot inflate the spread enough
+    to hide among the honest; and late in training, when most honest updates are nearly
+    orthogonal to the reference (cosine <= 0 by chance), the few vouched rows cannot be a
+    population that colluders who keep a positive cosine dominate: the wider set's median
+    is then the robust one (colluders are a minority of the round)."""
     base = np.ones(n, dtype=bool)
     base[elected] = False
     base[list(sybil_rows)] = False
     if ref_cos is not None:
         vouched = base & (ref_cos > 0)
-        if vouched.sum() >= MIN_POPULATION:
+        if vouched.sum() >= MIN_POPULATION and 2 * vouched.sum() > base.sum():
             return vouched
     if base.sum() >= 1:
         return base
