@@ -415,6 +415,9 @@ class AdversaryConfig(StrictModel):
 
 class SecurityConfig(StrictModel):
     randomness: Literal["os", "seeded"] = "os"
+    #: The server's Ed25519 audit key (PEM) signing the event log and receipts; None: the
+    #: per-user default key (``secfl.audit.keys``). Never derived from the seed.
+    audit_key: str | None = None
 
 
 class EvaluationConfig(StrictModel):
@@ -587,6 +590,80 @@ class TrustConfig(StrictModel):
     suspicion: TrustSuspicionConfig = Field(default_factory=TrustSuspicionConfig)
 
 
+# ---------------------------------------------------------------------------- refine
+
+
+class RefineSharedConfig(StrictModel):
+    """``refine.shared``: fine-tune the aggregate on the public shared set (``data.shared``),
+    with a proximal term ``prox`` * ||w - w_aggregate||^2 / 2 so it keeps the federation's
+    knowledge."""
+
+    steps: Annotated[int, Field(ge=1, le=100_000)] = 20
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.05
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 32
+    prox: Annotated[float, Field(ge=0, le=1e6)] = 0.01
+
+
+class RefineMomentsConfig(StrictModel):
+    """``refine.server_inversion.moments``: per-layer activation moments released by the
+    clients for feature-statistics matching (clipped per record, Gaussian noise, securely
+    aggregated, charged to each client's record-level ledger)."""
+
+    clip: PositiveFloat = 20.0
+    noise_multiplier: Annotated[float, Field(ge=0, le=1e4)] = 1.0
+    #: Collect every this many rounds (the statistics of the current global model).
+    every: Annotated[int, Field(ge=1, le=100_000)] = 5
+
+
+class InversionSettingsConfig(StrictModel):
+    per_class: Annotated[int, Field(ge=1, le=10_000)] = 10
+    steps: Annotated[int, Field(ge=1, le=100_000)] = 200
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.1
+    tv: Annotated[float, Field(ge=0, le=1e6)] = 1e-3
+    l2: Annotated[float, Field(ge=0, le=1e6)] = 1e-4
+    feature_stats: Annotated[float, Field(ge=0, le=1e6)] = 1.0
+    adversarial: Annotated[float, Field(ge=0, le=1e6)] = 0.0
+
+
+class RefineServerInversionConfig(InversionSettingsConfig):
+    """``refine.server_inversion``: invert the teachers the protection mode lets the server
+    see into a synthetic set, then distil them into the aggregate on it.
+
+    ``teacher``: ``auto`` takes the client models in mode ``none``, the sub-cohort models
+    under masking with sub-cohorts (trust), otherwise the aggregate with ``history`` previous
+    global models; ``clients`` / ``cohorts`` demand those and are refused where the mode
+    hides them; ``aggregate`` always works."""
+
+    teacher: Literal["auto", "clients", "cohorts", "aggregate"] = "auto"
+    history: Annotated[int, Field(ge=0, le=100)] = 2
+    distill_steps: Annotated[int, Field(ge=1, le=100_000)] = 50
+    distill_lr: Annotated[float, Field(gt=0, le=10)] = 0.01
+    temperature: PositiveFloat = 3.0
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 64
+    prox: Annotated[float, Field(ge=0, le=1e6)] = 0.01
+    moments: RefineMomentsConfig | None = Field(default_factory=RefineMomentsConfig)
+
+
+class RefineClientInversionConfig(InversionSettingsConfig):
+    """``refine.client_inversion``: each client inverts the broadcast global model into
+    ``per_class`` samples of every class and trains on its records plus those (labelled by
+    their target class)."""
+
+    per_class: Annotated[int, Field(ge=1, le=10_000)] = 5
+    steps: Annotated[int, Field(ge=1, le=100_000)] = 100
+    feature_stats: Annotated[float, Field(ge=0, le=1e6)] = 0.0
+
+
+class RefineConfig(StrictModel):
+    """``refine``: server-side refinement of each round's aggregate (DESIGN 5)."""
+
+    shared: RefineSharedConfig | None = None
+    server_inversion: RefineServerInversionConfig | None = None
+    client_inversion: RefineClientInversionConfig | None = None
+    #: First round that is refined (the first rounds' models invert poorly).
+    start_round: Annotated[int, Field(ge=1, le=100_000)] = 1
+
+
 # ---------------------------------------------------------------------------- run
 
 
@@ -605,6 +682,7 @@ class RunConfig(StrictModel):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     adversary: AdversaryConfig | None = None
     trust: TrustConfig | None = None
+    refine: RefineConfig | None = None
 
     @model_validator(mode="after")
     def _privacy_fits_run(self) -> RunConfig:
@@ -630,6 +708,51 @@ class RunConfig(StrictModel):
                     f"below aggregation.min_cohort={self.aggregation.min_cohort}: a revealed "
                     "sum needs at least one honest noise share"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _refine_inverts_only_what_is_shown(self) -> RunConfig:
+        from secfl.refine.guard import teacher_source
+
+        try:
+            teacher_source(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        refine = self.refine
+        inversion = None if refine is None else refine.server_inversion
+        moments = None if inversion is None else inversion.moments
+        if moments is not None and self.privacy.user_level is not None:
+            raise ValueError(
+                "refine.server_inversion.moments is refused with privacy.user_level: the "
+                "activation moments are a release the user-level ledger does not cover; "
+                "set refine.server_inversion.moments: null (inversion without feature "
+                "statistics) or remove privacy.user_level"
+            )
+        if (
+            moments is not None
+            and moments.noise_multiplier == 0
+            and self.privacy.sample_level is not None
+        ):
+            raise ValueError(
+                "refine.server_inversion.moments.noise_multiplier=0 releases exact statistics "
+                "of the clients' records, which privacy.sample_level cannot account; "
+                "allowed: > 0"
+            )
+        if (
+            refine is not None
+            and refine.client_inversion is not None
+            and self.privacy.sample_level is not None
+        ):
+            raise ValueError(
+                "refine.client_inversion is not available with privacy.sample_level: DP-SGD's "
+                "sampling rate and ledger are defined on the client's own records only; "
+                "remove one of them"
+            )
+        if refine is not None and refine.shared is not None and self.data.shared.per_class < 1:
+            raise ValueError(
+                "refine.shared fine-tunes on the public shared set; it needs "
+                "data.shared.per_class >= 1"
+            )
         return self
 
     @model_validator(mode="after")
@@ -716,6 +839,8 @@ class RunConfig(StrictModel):
         )
         if not calibrated:
             raw.pop("rounds", None)
+        # where the audit key lives does not change the experiment (the log binds the key)
+        raw.get("security", {}).pop("audit_key", None)
         canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -19,6 +19,9 @@ from tqdm import tqdm
 
 from secfl.attacks.simulation import with_adversary
 from secfl.audit.events import EventLog, read_events
+from secfl.audit.keys import load_or_create_audit_key
+from secfl.audit.receipts import ReceiptBook, ReceiptIssuer, receipt_sink
+from secfl.audit.transcript import TranscriptRecorder
 from secfl.client.app import ClientApp
 from secfl.client.trainer import evaluate
 from secfl.config import RunConfig
@@ -33,6 +36,8 @@ from secfl.randomness import Randomness
 from secfl.record import rundir
 from secfl.record.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from secfl.record.report import write_report
+from secfl.refine.memorisation import MemorisationReport, memorisation_check
+from secfl.refine.run import build_refiner, record_refinement
 from secfl.server.loop import FederatedServer, RoundOutcome
 from secfl.server.optimizers import make_server_optimizer
 from secfl.server.protection import Protection
@@ -129,6 +134,10 @@ class _Experimenter:
             row["client_accuracy"] = _spread(per_client)
         return row
 
+    def memorisation(self, synthetic: np.ndarray, *, max_test: int = 1000) -> MemorisationReport:
+        """The memorisation check of a synthetic set against the clients' records."""
+        return memorisation_check(synthetic, self._pool.x, self.data.test.x[:max_test])
+
 
 def run(
     config: RunConfig,
@@ -154,7 +163,11 @@ def run(
     rundir.write_config(folder, config.to_dict())
 
     randomness = Randomness(config.security.randomness, config.seed)
-    events = EventLog(folder / rundir.EVENTS_NAME, clock=clock)
+    # the server's audit key: never from the seed, never inside the run directory
+    signer = load_or_create_audit_key(config.security.audit_key, run_dir=folder)
+    events = EventLog(
+        folder / rundir.EVENTS_NAME, clock=clock, signer=signer, config_fingerprint=fingerprint
+    )
     threads = torch.get_num_threads()
     if config.simulation.torch_threads is not None:
         torch.set_num_threads(config.simulation.torch_threads)
@@ -196,6 +209,7 @@ def _run(
             config=config.client,
             randomness=randomness,
             privacy=privacy.for_client(i),
+            receipts=_receipt_book(events, folder, i),
         )
         for i, part in enumerate(data.clients)
     ]
@@ -212,6 +226,9 @@ def _run(
         randomness=randomness,
         events=events,
     )
+    # outermost: it hashes exactly the bytes the server sends and receives
+    recorder = TranscriptRecorder(transport)
+    receipts = ReceiptIssuer(events=events, recorder=recorder)
     # The server's reference update trains a copy of the global model on data.shared.
     trust = build_trust(
         config,
@@ -228,12 +245,13 @@ def _run(
         protection=make_protection(
             config, clients, randomness, events, user_level=user_level, trust=trust
         ),
-        transport=transport,
+        transport=recorder,
         client_ids=[c.client_id for c in clients],
         randomness=randomness,
         events=events,
     )
     experimenter = _Experimenter(config, data, model_factory())
+    refiner = build_refiner(config, clients, data, model_factory, randomness, events, privacy)
 
     history: list[dict[str, Any]] = []
     first_round = 1
@@ -271,6 +289,8 @@ def _run(
         privacy.load_state(checkpoint.state.get("privacy"))
         if trust is not None:
             trust.load_state(checkpoint.state.get("trust"), checkpoint.arrays)
+        if refiner is not None:
+            refiner.load_state(checkpoint.arrays)
         first_round = checkpoint.round + 1
         events.emit("run_resumed", from_round=checkpoint.round)
 
@@ -291,12 +311,28 @@ def _run(
             started = clock()
             resumed = checkpoint is not None and round_index == first_round
             attempt = _attempt_for(round_index, events, randomness) if resumed else 0
+            before = server.weights.copy()
             outcome = server.run_round(round_index, attempt)
+            refined = None
+            if refiner is not None and outcome.aggregate is not None:
+                refined = refiner.refine(
+                    round_index,
+                    attempt,
+                    before=before,
+                    aggregate=server.weights,
+                    revealed=outcome.aggregate.revealed,
+                    participants=list(outcome.participants),
+                )
+                server.weights[...] = refined.weights
             if privacy.enabled:
                 privacy.record_round(outcome)
             row = _record_round(config, outcome, experimenter, server.weights, events)
+            if refined is not None:
+                row["refine"] = record_refinement(refined, experimenter, outcome, events)
             row["time_s"] = clock() - started
             history.append(row)
+            # after every change to the global model: the receipt names the next broadcast
+            receipts.issue(outcome, server.weights)
             digest = write_checkpoint(
                 folder,
                 Checkpoint(
@@ -306,6 +342,7 @@ def _run(
                         "global": server.weights,
                         **{f"opt.{k}": v for k, v in optimizer.state_dict().items()},
                         **(trust.arrays() if trust is not None else {}),
+                        **(refiner.arrays() if refiner is not None else {}),
                     },
                     state={
                         "history": history,
@@ -337,6 +374,18 @@ def _run(
         out_dir=folder,
         config=config,
         stopped=privacy.stopped,
+    )
+
+
+def _receipt_book(events: EventLog, folder: Path, client_id: int) -> ReceiptBook | None:
+    """A simulated client's receipts: the server key and run id reach it out of band."""
+    if events.signer is None:
+        return None
+    return ReceiptBook(
+        client_id,
+        server_key=events.signer.public_bytes(),
+        run_id=bytes.fromhex(events.run_id),
+        sink=receipt_sink(folder, client_id),
     )
 
 
@@ -383,6 +432,7 @@ def _record_round(
         survivors=list(agg.survivors) if agg else [],
         accuracy=row["accuracy"],
         loss=row["loss"],
+        model_hash=model_hash(weights).hex(),
     )
     return row
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
 
+from secfl.audit.messages import ReceiptAck, ServerReceipt
 from secfl.client.trainer import LocalResult, train_locally
 from secfl.config import ClientConfig
 from secfl.data.datasets import Dataset
@@ -18,6 +20,7 @@ from secfl.randomness import Randomness
 from secfl.wire import WireMessage, decode_message
 
 if TYPE_CHECKING:
+    from secfl.audit.receipts import ReceiptBook
     from secfl.privacy.federation import ClientPrivacy
 
 MessageHandler = Callable[[Any], WireMessage | None]
@@ -36,15 +39,23 @@ class ClientApp:
         config: ClientConfig,
         randomness: Randomness,
         privacy: ClientPrivacy | None = None,
+        receipts: ReceiptBook | None = None,
     ) -> None:
         self.client_id = client_id
+        #: The audit receipts (server key and run id given out of band), or None.
+        self.receipts = receipts
         #: Sample-level DP-SGD, ledger and budget (``privacy.sample_level``), or None.
         self.privacy = privacy
         self.data = data
         self.config = config
         self.randomness = randomness
         self._model = model_factory()
+        #: Client-side refinement: returns the records to train on this round (the client's
+        #: own plus synthetic ones inverted from the broadcast model), or None.
+        self.augment: Callable[[FitIns], Dataset] | None = None
         self._handlers: dict[type[WireMessage], MessageHandler] = {FitIns: self._on_fit}
+        if receipts is not None:
+            self.register(ServerReceipt, self._on_receipt)
 
     @property
     def party(self) -> str:
@@ -55,9 +66,12 @@ class ClientApp:
 
     def handle(self, payload: bytes) -> bytes | None:
         round_index = 0
+        message: WireMessage | None = None
         try:
             message = decode_message(payload)
             round_index = int(getattr(message, "round", 0))
+            if self.receipts is not None:
+                self.receipts.check_broadcast(message)
             handler = self._handlers.get(type(message))
             if handler is None:
                 raise MessageError(
@@ -66,7 +80,10 @@ class ClientApp:
             reply = handler(message)
         except SecflError as exc:
             reply = ClientFailure(round=round_index, client_id=self.client_id, reason=str(exc))
-        return None if reply is None else reply.to_bytes()
+        out = None if reply is None else reply.to_bytes()
+        if self.receipts is not None:  # the client's own transcript, for its receipts
+            self.receipts.witness(message, payload, out)
+        return out
 
     def train(self, ins: FitIns) -> tuple[np.ndarray, LocalResult]:
         """Train from the broadcast model; returns (weights delta, local result)."""
@@ -75,11 +92,12 @@ class ClientApp:
                 f"client {self.client_id}: broadcast weights do not match their model_hash"
             )
         start = np.array(ins.weights, dtype=np.float32)
+        data = self.data if self.augment is None else self.augment(ins)
         load_parameters(self._model, start)
         if self.privacy is not None:
             result = self.privacy.train(
                 self._model,
-                self.data,
+                data,
                 self.config,
                 self.randomness,
                 round_index=ins.round,
@@ -89,7 +107,10 @@ class ClientApp:
         stream = self.randomness.stream(
             "client.batch_order", round_index=ins.round, attempt=ins.attempt, party=self.party
         )
-        result = train_locally(self._model, self.data, self.config, stream)
+        result = train_locally(self._model, data, self.config, stream)
+        if data is not self.data:
+            # the weight of an update is the client's own record count, never the synthetic
+            result = replace(result, num_samples=len(self.data))
         return flatten_parameters(self._model) - start, result
 
     def _on_fit(self, ins: FitIns) -> FitRes:
@@ -103,3 +124,9 @@ class ClientApp:
             train_loss=result.mean_loss,
             update=delta,
         )
+
+    def _on_receipt(self, receipt: ServerReceipt) -> ReceiptAck:
+        """Check the server's signed receipt against this client's own transcript."""
+        if self.receipts is None:
+            raise MessageError(f"client {self.client_id} was given no server audit key")
+        return self.receipts.on_receipt(receipt)

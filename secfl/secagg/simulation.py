@@ -206,6 +206,7 @@ class MaskingProtection:
             dropped=dropped,
             train_loss=None,
             dp_events=dp_events,
+            revealed={f"cohort:{part.index}": part.mean_update for part in kept},
         )
 
     def _released_events(

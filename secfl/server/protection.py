@@ -52,6 +52,11 @@ class AggregateResult:
     train_loss: float | None = None
     #: User-level DP events this round cost (for the privacy ledger).
     dp_events: tuple[DpEvent, ...] = ()
+    #: Mean updates the protection mode let the server see beside the aggregate, by party:
+    #: ``client:<id>`` (every kept client's update, mode ``none``) or ``cohort:<j>`` (every
+    #: kept sub-cohort's mean, masking with sub-cohorts); empty under ``ckks``. Refinement
+    #: may invert exactly these (DESIGN 5).
+    revealed: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Protection(Protocol):
@@ -204,6 +209,7 @@ class PlaintextProtection:
                 dropped=dropped,
                 train_loss=float(np.dot(weights, losses) / weights.sum()),
                 dp_events=dp_events,
+                revealed={f"client:{cid}": r.update for cid, r in accepted.items()},
             )
         return None
 

@@ -1,0 +1,132 @@
+"""Model inversion: synthetic inputs that a teacher classifies as chosen target classes.
+
+DeepInversion (Yin et al., CVPR 2020) without BatchNorm: the objective is the teacher's
+cross-entropy towards the target class, image priors (total variation along every spatial
+axis, an l2 penalty) and, when the clients released them, matching of per-layer activation
+moments (:mod:`secfl.refine.moments`). The teacher is a list of models whose logits are
+averaged (an ensemble); which models may be inverted is the guard's business
+(:mod:`secfl.refine.guard`), not this module's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from secfl.randomness import RandomStream
+from secfl.refine.moments import ActivationMoments, MomentProbe
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    per_class: int = 10
+    steps: int = 200
+    lr: float = 0.1
+    tv: float = 1e-3
+    l2: float = 1e-4
+    #: Weight of the activation-moment matching term (0 turns it off).
+    feature_stats: float = 1.0
+    #: Weight of the teacher-disagreement term (DENSE / FedFTG style diversity); needs a
+    #: student. 0 turns it off.
+    adversarial: float = 0.0
+
+    @classmethod
+    def of(cls, block: Any) -> InversionSettings:
+        """From a ``refine.server_inversion`` / ``refine.client_inversion`` config block."""
+        return cls(
+            per_class=block.per_class,
+            steps=block.steps,
+            lr=block.lr,
+            tv=block.tv,
+            l2=block.l2,
+            feature_stats=block.feature_stats,
+            adversarial=block.adversarial,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class SyntheticSet:
+    """Synthetic inputs ``x`` (float32, shaped like the real inputs) and target labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of neighbours along every axis after (batch, channel)."""
+    terms = []
+    for axis in range(2, x.dim()):
+        if x.shape[axis] > 1:
+            length = x.shape[axis] - 1
+            terms.append((x.narrow(axis, 1, length) - x.narrow(axis, 0, length)).abs().mean())
+    return torch.stack(terms).sum() if terms else x.new_zeros(())
+
+
+def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The mean of the models' logits (FedDF's ensemble)."""
+    return torch.stack([m(x) for m in models]).mean(dim=0)
+
+
+def invert(
+    teachers: Sequence[nn.Module],
+    *,
+    input_shape: tuple[int, ...],
+    classes: Sequence[int],
+    settings: InversionSettings,
+    stream: RandomStream,
+    moments: ActivationMoments | None = None,
+    student: nn.Module | None = None,
+) -> SyntheticSet:
+    """``settings.per_class`` synthetic inputs per class in ``classes``, optimised so that the
+    teacher ensemble assigns each its target class (see the module docstring)."""
+    if not teachers:
+        raise ValueError("model inversion needs at least one teacher model")
+    targets = np.repeat(np.asarray(classes, dtype=np.int64), settings.per_class)
+    init = stream.numpy_generator().standard_normal((len(targets), *input_shape))
+    if moments is not None and moments.input_mean is not None:
+        mean = moments.input_mean.reshape(input_shape)
+        std = np.sqrt(np.maximum(moments.input_var.reshape(input_shape), 1e-6))
+        init = mean + std * init
+    x = torch.tensor(init, dtype=torch.float32, requires_grad=True)
+    y = torch.from_numpy(targets)
+    for model in teachers:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if student is not None:
+        student.eval()
+    probe = MomentProbe(teachers[0]) if moments is not None and settings.feature_stats > 0 else None
+    optimizer = torch.optim.Adam([x], lr=settings.lr)
+    try:
+        for _ in range(settings.steps):
+            optimizer.zero_grad(set_to_none=True)
+            if probe is not None:
+                probe.start(x)
+            logits = ensemble_logits(teachers, x)
+            loss = F.cross_entropy(logits, y)
+            loss = loss + settings.tv * total_variation(x) + settings.l2 * x.pow(2).mean()
+            if probe is not None and moments is not None:
+                loss = loss + settings.feature_stats * probe.matching_loss(moments)
+            if student is not None and settings.adversarial > 0:
+                # push samples to where the student still disagrees with the teacher
+                t = F.softmax(logits, dim=1)
+                s = F.log_softmax(student(x), dim=1)
+                loss = loss - settings.adversarial * F.kl_div(s, t, reduction="batchmean")
+            loss.backward()
+            optimizer.step()
+    finally:
+        if probe is not None:
+            probe.close()
+        for model in teachers:
+            for p in model.parameters():
+                p.requires_grad_(True)
+    return SyntheticSet(x.detach().numpy().astype(np.float32), targets)
