@@ -32,6 +32,11 @@ Amplification = Literal["poisson", "none"]
 #: Mechanisms a DP event may record (which accountant handles which: ``AccountantSpec``).
 MECHANISMS = frozenset({"subsampled_gaussian", "skellam"})
 
+#: A round's auxiliary releases (refinement's statistics rounds) run as attempt
+#: ``STATS_ATTEMPT_OFFSET + a`` of round attempt ``a``, so their keys, masks and noise streams
+#: never coincide with the training attempt's; the ledger books them with attempt ``a``'s row.
+STATS_ATTEMPT_OFFSET = 1 << 20
+
 #: Keys :meth:`DpEvent.to_dict` derives from the fields; :meth:`DpEvent.from_dict` drops them.
 _DERIVED_KEYS = frozenset({"noise_std", "skellam_mu"})
 

@@ -25,7 +25,7 @@ from secfl.errors import BudgetExhausted, PrivacyError
 from secfl.privacy.accountants import calibrate_noise_multiplier
 from secfl.privacy.central import UserLevelMechanism
 from secfl.privacy.dpsgd import DpSgdSettings, PerSampleGradients, train_dp_sgd, validate_model
-from secfl.privacy.events import DpEvent
+from secfl.privacy.events import STATS_ATTEMPT_OFFSET, DpEvent
 from secfl.privacy.ledger import PartyLedger, check_delta
 
 if TYPE_CHECKING:
@@ -272,7 +272,8 @@ class PrivacyRecorder:
                 new = [
                     e
                     for e in client.ledger.events
-                    if (e.round, e.attempt) == (outcome.round, outcome.attempt)
+                    if (e.round, e.attempt % STATS_ATTEMPT_OFFSET)
+                    == (outcome.round, outcome.attempt)
                 ]
                 if not new:
                     continue

@@ -14,7 +14,8 @@ sensitivity ``moments.clip``, no sampling) to its record-level ledger before it 
 exhausted budget makes it refuse, which the protocol treats as a dropout. The client sends
 ``S / (n * clip) * clip_range / 2`` with weight ``n`` (its record count), so the released
 weighted mean is the population mean of the clipped vectors scaled into the encoding range,
-plus noise.
+plus noise. Protocol vectors are sized like the model, so the moments fill the first
+entries of a model-sized vector and the rest are zeros.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from secfl.config import RunConfig
 from secfl.encode.flatten import load_parameters, model_hash
 from secfl.errors import SecflError
 from secfl.messages import FitIns
-from secfl.privacy.events import DpEvent
+from secfl.privacy.events import STATS_ATTEMPT_OFFSET, DpEvent
 from secfl.randomness import Randomness
 from secfl.refine.moments import (
     ActivationMoments,
@@ -46,8 +47,6 @@ from secfl.transport.inprocess import InProcessTransport
 if TYPE_CHECKING:
     from secfl.privacy.federation import ClientPrivacy, PrivacyRecorder
 
-#: Statistics rounds run as this attempt number plus the training round's attempt.
-STATS_ATTEMPT_OFFSET = 1 << 20
 
 register_event("moments_collected", ("round", "attempt", "contributors", "dimension"))
 register_event("moments_skipped", ("round", "attempt", "reason"))
@@ -121,7 +120,15 @@ class MomentFacet(ClientApp):
             ),
         )
         n = len(self.data)
-        value = (total / (n * self.clip) * self.scale).astype(np.float32)
+        size = np.asarray(ins.weights).size
+        if total.size > size:
+            raise SecflError(
+                f"the moment vector ({total.size} values) is longer than the model "
+                f"({size} parameters), which sizes the protocol's vectors"
+            )
+        # the protocols size every vector like the model: moments first, zeros after
+        value = np.zeros(size, dtype=np.float32)
+        value[: total.size] = total / (n * self.clip) * self.scale
         return value, LocalResult(num_samples=n, mean_loss=0.0, steps=0)
 
 
@@ -146,6 +153,7 @@ class MomentCollector:
         if moments is None:
             raise SecflError("MomentCollector needs refine.server_inversion.moments")
         self.every = moments.every
+        self._clip = moments.clip
         self._events = events
         self._randomness = randomness
         template = model_factory()
@@ -176,7 +184,9 @@ class MomentCollector:
             self._collect(round_index, attempt, before, participants)
         if self.last is None:
             return None
-        return ActivationMoments.from_mean_vector(self.last / self._scale, self._sizes)
+        return ActivationMoments.from_mean_vector(
+            self.last * (self._clip / self._scale), self._sizes
+        )
 
     def _collect(
         self, round_index: int, attempt: int, before: np.ndarray, participants: list[int]
@@ -192,7 +202,7 @@ class MomentCollector:
                 model_hash=model_hash(weights),
                 weights=weights,
             ),
-            model_size=self._dimension,
+            model_size=weights.size,
             randomness=self._randomness,
             events=self._events,
         )
@@ -211,7 +221,7 @@ class MomentCollector:
                 reason="no statistics could be revealed (too few contributors)",
             )
             return
-        self.last = np.asarray(result.mean_update, dtype=np.float64)
+        self.last = np.asarray(result.mean_update[: self._dimension], dtype=np.float64)
         self.last_round = round_index
         self._events.emit(
             "moments_collected",
