@@ -365,8 +365,20 @@ def _run(
     final_model = model_factory()
     load_parameters(final_model, server.weights)
     if history and (history[-1]["round"] == config.rounds or privacy.stopped is not None):
+        synthetic = None
+        if refiner is not None and refiner.synthetic is not None:
+            synthetic = (refiner.synthetic.x, refiner.synthetic.y)
         _finish(
-            config, folder, final_model, server.weights, layout, history, data, randomness, events
+            config,
+            folder,
+            final_model,
+            server.weights,
+            layout,
+            history,
+            data,
+            randomness,
+            events,
+            synthetic=synthetic,
         )
     return RunResult(
         history=history,
@@ -447,6 +459,8 @@ def _finish(
     data: FederatedData,
     randomness: Randomness,
     events: EventLog,
+    *,
+    synthetic: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     rundir.write_model(
         folder,
@@ -464,6 +478,7 @@ def _finish(
         history=history,
         class_counts=data.class_counts,
         secure_randomness=randomness.secure,
+        synthetic=synthetic,
     )
     final = history[-1]
     events.emit(

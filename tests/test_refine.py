@@ -300,6 +300,9 @@ def test_a_run_reports_the_memorisation_check(tmp_path: Path) -> None:
     (refined,) = [e for e in events if e["event"] == "refined"]
     assert refined["teacher"] == "clients" and refined["teachers"] == 5
     assert refined["synthetic"] == 30
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2>Refinement</h2>" in html and "synthetic samples per class" in html
+    assert html.count("<rect") > 10 * 3 * 64  # 3 samples of 8x8 pixels per class
 
 
 # ---------------------------------------------------------------------------- resume

@@ -91,6 +91,52 @@ def class_distribution_chart(counts: np.ndarray, *, max_clients: int = 50) -> st
     return "".join(parts)
 
 
+def synthetic_samples_figure(
+    x: np.ndarray, y: np.ndarray, *, per_class: int = 4, cell: int = 48
+) -> str:
+    """A grid of synthetic samples, one row per class: 2-D inputs as grey images (min-max
+    scaled per sample), 1-D signals as polylines."""
+    classes = sorted(int(c) for c in np.unique(y))
+    if not classes:
+        return ""
+    width = 40 + per_class * (cell + 6)
+    height = 20 + len(classes) * (cell + 6)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'role="img" aria-label="synthetic samples per class">'
+    ]
+    for row, label in enumerate(classes):
+        top = 14 + row * (cell + 6)
+        parts.append(f'<text x="4" y="{top + cell / 2:.0f}" font-size="12">{label}</text>')
+        for col, index in enumerate(np.flatnonzero(y == label)[:per_class]):
+            left = 30 + col * (cell + 6)
+            sample = np.asarray(x[index], dtype=np.float64).squeeze()
+            lo, hi = float(sample.min()), float(sample.max())
+            scaled = (sample - lo) / (hi - lo) if hi > lo else np.zeros_like(sample)
+            if scaled.ndim == 2:
+                h, w = scaled.shape
+                for i in range(h):
+                    for j in range(w):
+                        grey = round(255 * float(scaled[i, j]))
+                        parts.append(
+                            f'<rect x="{left + j * cell / w:.1f}" y="{top + i * cell / h:.1f}" '
+                            f'width="{cell / w + 0.2:.2f}" height="{cell / h + 0.2:.2f}" '
+                            f'fill="rgb({grey},{grey},{grey})"/>'
+                        )
+            else:
+                flat = scaled.reshape(-1)
+                points = " ".join(
+                    f"{left + k * cell / max(flat.size - 1, 1):.1f},{top + cell * (1 - v):.1f}"
+                    for k, v in enumerate(flat)
+                )
+                parts.append(
+                    f'<rect x="{left}" y="{top}" width="{cell}" height="{cell}" fill="#f6f6f6"/>'
+                    f'<polyline points="{points}" fill="none" stroke="#06c"/>'
+                )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def write_report(
     path: str | Path,
     *,
@@ -98,6 +144,7 @@ def write_report(
     history: list[dict[str, Any]],
     class_counts: np.ndarray,
     secure_randomness: bool,
+    synthetic: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     rounds = [float(r["round"]) for r in history]
     acc = line_chart(
@@ -144,11 +191,39 @@ loss: {final.get("loss", float("nan")):.4f}.</p>
             y_label="accuracy",
         )
     }
-{class_distribution_chart(class_counts)}</div>
+{class_distribution_chart(class_counts)}</div>{_refinement_section(history, synthetic)}
 <h2>Configuration</h2><pre>{html.escape(_yaml(config))}</pre>
 </body></html>
 """
     Path(path).write_text(body, encoding="utf-8")
+
+
+def _refinement_section(
+    history: list[dict[str, Any]], synthetic: tuple[np.ndarray, np.ndarray] | None
+) -> str:
+    refined = [r for r in history if "refine" in r]
+    if not refined and synthetic is None:
+        return ""
+    parts = ["<h2>Refinement</h2>"]
+    ratios = [
+        (float(r["round"]), float(r["refine"]["memorisation"]["ratio"]))
+        for r in refined
+        if "memorisation" in r["refine"]
+    ]
+    if ratios:
+        parts.append(
+            line_chart(
+                "Memorisation check: synthetic / test median distance to training records "
+                "(below 1 is a privacy regression)",
+                [x for x, _ in ratios],
+                {"ratio": [v for _, v in ratios]},
+                y_label="ratio",
+            )
+        )
+    if synthetic is not None:
+        parts.append("<p>Synthetic samples of the last refined round, one row per class:</p>")
+        parts.append(synthetic_samples_figure(*synthetic))
+    return "".join(parts)
 
 
 def _yaml(config: dict[str, Any]) -> str:
