@@ -16,8 +16,8 @@ commands:
   run     run one federated experiment from a YAML config; writes a run directory with
           config.yaml, metrics.json, events.jsonl, model.safetensors, report.html and a
           checkpoint that `secfl run CONFIG --resume DIR` continues from after a crash
-  audit   print a run directory's privacy ledger (ledger.json): per round and cumulative,
-          per client and global, every DP event's parameters
+  audit   verify a run directory's signed, hash-chained audit log and the clients' receipts
+          against the server's public key (--server-key), and print the privacy ledger
   bench   run a performance benchmark and write its JSON (ratios against a baseline
           measured in the same run); `secfl bench --list` names them
 """
@@ -47,13 +47,20 @@ def _build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser(
         "audit",
-        help="print a run's privacy ledger",
-        description="Print the privacy ledger (ledger.json) of RUN_DIR. Verifying the audit "
-        "log's hash chain and signatures is not implemented yet (issue 8); this command "
-        "only reads and prints the ledger.",
+        help="verify a run's audit trail and print its privacy ledger",
+        description="Verify RUN_DIR's audit log (hash chain, Ed25519 signatures, head) and the "
+        "clients' receipts against the server public key in --server-key, name every record "
+        "that is altered, missing, reordered or wrongly signed, and print the privacy ledger. "
+        "Exit 0: verified; 1: a problem was found; 3: no --server-key (UNVERIFIED); 2: error.",
     )
     audit.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
-    audit.add_argument("--json", action="store_true", help="print the raw ledger JSON")
+    audit.add_argument(
+        "--server-key",
+        metavar="PATH",
+        help="the server's Ed25519 public key (PEM or 64 hex digits), obtained from the "
+        "server's operator, never from the run directory",
+    )
+    audit.add_argument("--json", action="store_true", help="print the result and ledger as JSON")
 
     bench = sub.add_parser(
         "bench",
@@ -125,9 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args)
         if args.command == "audit":
-            from secfl.privacy.report import print_ledger
+            from secfl.audit.verify import audit_command
 
-            return print_ledger(Path(args.run_dir), raw=args.json)
+            return audit_command(
+                Path(args.run_dir), server_key_path=args.server_key, as_json=args.json
+            )
         return _cmd_bench(args)
     except SecflError as exc:
         print(f"secfl {args.command}: error: {exc}", file=sys.stderr)

@@ -83,3 +83,8 @@ class PrivacyError(SecflError, ValueError):
 class BudgetExhausted(PrivacyError):
     """Running on would exceed a privacy budget; the message names the budget that ran out.
     The run stops cleanly with its checkpoint saved; a client refuses to train."""
+
+
+class AuditError(SecflError):
+    """The audit trail cannot be written or verified as asked: a log signed by another key,
+    a receipt for another run, round or client, or a server key that cannot be loaded."""

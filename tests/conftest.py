@@ -33,3 +33,9 @@ def tiny_config() -> RunConfig:
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SECFL_CACHE", str(tmp_path_factory.getbasetemp() / "secfl-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _secfl_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs create the server's audit key under $SECFL_HOME: never the real home in tests."""
+    monkeypatch.setenv("SECFL_HOME", str(tmp_path_factory.getbasetemp() / "secfl-home"))

@@ -1,4 +1,4 @@
-"""Audit trail: the typed event log (hash chain and signatures come later)."""
+"""Audit trail: the hash-chained, signed event log, transcripts, receipts, verification."""
 
 from secfl.audit.events import EventLog, read_events, register_event
 

@@ -52,6 +52,65 @@ class SigningKey:
     def sign(self, context: bytes, message: bytes) -> bytes:
         return self._key.sign(_framed(context, message))
 
+    def private_pem(self) -> bytes:
+        """PKCS#8 PEM, unencrypted (the caller stores it 0600 where only its owner reads)."""
+        from cryptography.hazmat.primitives import serialization
+
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> SigningKey:
+        """Load a PKCS#8 PEM Ed25519 private key; anything else raises SignatureError."""
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise SignatureError(f"not an unencrypted PEM private key: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise SignatureError(f"expected an Ed25519 private key, got {type(key).__name__}")
+        return cls(key)
+
+
+def public_key_pem(public_key: bytes) -> bytes:
+    """SubjectPublicKeyInfo PEM of a raw 32-byte Ed25519 public key."""
+    from cryptography.hazmat.primitives import serialization
+
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise SignatureError(f"Ed25519 public key must be 32 bytes, got {len(public_key)}")
+    return Ed25519PublicKey.from_public_bytes(public_key).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_public_key(data: bytes) -> bytes:
+    """The raw Ed25519 public key in ``data``: a PEM public key, a PEM private key (its
+    public half) or 64 hex digits. Anything else raises :class:`SignatureError`."""
+    from cryptography.hazmat.primitives import serialization
+
+    text = data.strip()
+    if b"PRIVATE KEY" in text:
+        return SigningKey.from_pem(text).public_bytes()
+    if b"PUBLIC KEY" in text:
+        try:
+            key = serialization.load_pem_public_key(text)
+        except (ValueError, TypeError) as exc:
+            raise SignatureError(f"not a PEM public key: {exc}") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise SignatureError(f"expected an Ed25519 public key, got {type(key).__name__}")
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    try:
+        raw = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raw = b""
+    if len(raw) != PUBLIC_KEY_BYTES:
+        raise SignatureError("expected a PEM Ed25519 key or 64 hex digits of a raw public key")
+    return raw
+
 
 def verify_signature(public_key: bytes, signature: bytes, context: bytes, message: bytes) -> None:
     """Raise :class:`SignatureError` unless ``signature`` is valid for ``message``."""

@@ -1,6 +1,6 @@
 """``secfl audit RUN_DIR``: print a run's privacy ledger in plain text.
 
-Verifying the audit log's hash chain and signatures comes with issue 8; this only reads
+``secfl.audit.verify`` verifies the audit log and receipts first; this reads and formats
 ``ledger.json``.
 """
 
@@ -36,7 +36,6 @@ def _fmt(value: Any) -> str:
 def format_ledger(document: dict[str, Any]) -> str:
     lines = [
         f"privacy ledger ({document['format']}), randomness: {document['randomness']}",
-        "note: audit-chain and signature verification is not implemented yet (issue 8)",
     ]
     if document.get("stopped"):
         lines.append(f"run stopped: {document['stopped']}")
