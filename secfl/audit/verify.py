@@ -439,7 +439,7 @@ def audit_command(run_dir: Path, *, server_key_path: str | None, as_json: bool) 
         EXIT_UNVERIFIED if result is None else (EXIT_VERIFIED if result.verified else EXIT_FAILED)
     )
     if as_json:
-        document = result.to_json() if result is not None else {"verified": None}
+        document: dict[str, Any] = result.to_json() if result is not None else {"verified": None}
         document["status"] = _status(result)
         document["ledger"] = ledger
         print(json.dumps(document, indent=1))
