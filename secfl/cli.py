@@ -20,6 +20,8 @@ commands:
           against the server's public key (--server-key), and print the privacy ledger
   bench   run a performance benchmark and write its JSON (ratios against a baseline
           measured in the same run); `secfl bench --list` names them
+  keys / serve / join / decryptor
+          real deployment over gRPC with mutual TLS (docs/deployment.md)
 """
 
 
@@ -76,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--smoke", action="store_true", help="tiny sizes for tests; figures are not gated"
     )
     bench.add_argument("--list", action="store_true", help="list the benchmarks")
+    from secfl.deploy.commands import add_deploy_parsers
+
+    add_deploy_parsers(sub)
     return parser
 
 
@@ -137,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return audit_command(
                 Path(args.run_dir), server_key_path=args.server_key, as_json=args.json
             )
+        from secfl.deploy.commands import DEPLOY_COMMANDS, run_deploy_command
+
+        if args.command in DEPLOY_COMMANDS:
+            return run_deploy_command(args)
         return _cmd_bench(args)
     except SecflError as exc:
         print(f"secfl {args.command}: error: {exc}", file=sys.stderr)
