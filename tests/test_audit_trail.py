@@ -364,6 +364,8 @@ def test_secure_modes_and_resume_after_a_torn_tail_verify(
     run(config, folder, stop_after=1)
     with (folder / "events.jsonl").open("ab") as f:
         f.write(b'{"event":"round_started","att')  # killed mid-write
+    with (folder / "receipts" / "client-2.jsonl").open("ab") as f:
+        f.write(b'{"accepted": tr')  # a client killed mid-write too
     resumed = run(config, folder, resume=True)
     assert [r["round"] for r in resumed.history] == [1, 2]
     result = verify_run(folder, SERVER.public_bytes())

@@ -137,10 +137,14 @@ class ReceiptIssuer:
             )
         replies = self.recorder.exchange(requests) if requests else {}
         accepted: list[int] = []
+        unanswered: list[int] = []
         disputed: dict[str, str] = {}
         for client_id in requests:
-            verdict = _read_ack(replies.get(client_id), client_id, outcome)
-            if verdict is None:
+            reply = replies.get(client_id)
+            verdict = _read_ack(reply, client_id, outcome) if reply is not None else None
+            if reply is None:
+                unanswered.append(client_id)  # gone (dropped out): not a dispute
+            elif verdict is None:
                 accepted.append(client_id)
             else:
                 disputed[str(client_id)] = verdict
@@ -153,6 +157,7 @@ class ReceiptIssuer:
             receipts={str(c): receipt_digest(r) for c, r in requests.items()},
             accepted=accepted,
             disputed=disputed,
+            unanswered=unanswered,
         )
         return {c: c in accepted for c in requests}
 
@@ -183,10 +188,8 @@ class ReceiptIssuer:
         return dataclasses.replace(unsigned, signature=signature).to_bytes()
 
 
-def _read_ack(reply: bytes | None, client_id: int, outcome: RoundOutcome) -> str | None:
-    """None if the client accepted its receipt, else why not (or why no answer counts)."""
-    if reply is None:
-        return "no acknowledgement"
+def _read_ack(reply: bytes, client_id: int, outcome: RoundOutcome) -> str | None:
+    """None if the client accepted its receipt, else why not."""
     try:
         ack = decode_message(reply)
     except MessageError as exc:
@@ -218,6 +221,8 @@ class ReceiptBook:
         self.server_key = bytes(server_key)
         self.run_id = bytes(run_id)
         self.sink = sink
+        if sink is not None:
+            _drop_torn_tail(sink)
         self._transcripts: dict[tuple[int, int], Transcript] = {}
         #: Accepted receipts, by round (the highest attempt wins).
         self.receipts: dict[int, ServerReceipt] = {}
@@ -303,6 +308,17 @@ class ReceiptBook:
         self.sink.parent.mkdir(parents=True, exist_ok=True)
         with self.sink.open("a", encoding="utf-8") as f:
             f.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """A crash mid-append leaves a partial last line: cut it, so the next line stays whole."""
+    if not path.exists():
+        return
+    raw = path.read_bytes()
+    keep = raw.rfind(b"\n") + 1
+    if keep < len(raw):
+        with path.open("r+b") as f:
+            f.truncate(keep)
 
 
 def receipt_sink(run_dir: Path, client_id: int) -> Path:
