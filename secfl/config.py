@@ -557,11 +557,13 @@ class TrustSuspicionConfig(StrictModel):
     """``trust.suspicion`` (mode ``masking`` only, ``secfl.trust.reputation.Suspicion``):
     a member of a flagged sub-cohort gains ``step``; a member of a kept one has its
     suspicion multiplied by ``forgive``; a client whose suspicion reaches ``bound`` is
-    excluded before masking in later rounds."""
+    excluded before masking in later rounds. A sub-cohort whose mean is longer than
+    ``norm_ratio_max`` times the trusted sub-cohort's is flagged (``null``: no bound)."""
 
     step: Annotated[float, Field(gt=0, le=1e6)] = 1.0
     forgive: Annotated[float, Field(ge=0, le=1)] = 0.5
     bound: Annotated[float, Field(gt=0, le=1e6)] = 6.0
+    norm_ratio_max: Annotated[float, Field(gt=1, le=1e6)] | None = 3.0
 
 
 class TrustConfig(StrictModel):
@@ -649,7 +651,7 @@ class RefineClientInversionConfig(InversionSettingsConfig):
     ``per_class`` samples of every class and trains on its records plus those (labelled by
     their target class)."""
 
-    per_class: Annotated[int, Field(ge=1, le=10_000)] = 5
+    per_class: Annotated[int, Field(ge=1, le=10_000)] = 2
     steps: Annotated[int, Field(ge=1, le=100_000)] = 100
     feature_stats: Annotated[float, Field(ge=0, le=1e6)] = 0.0
 

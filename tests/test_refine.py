@@ -332,3 +332,30 @@ def test_refinement_state_survives_kill_and_resume(tmp_path: Path) -> None:
     # rounds 2 and 3 reuse round 1's released moments: they came back from the checkpoint
     events = read_events(tmp_path / "cut" / "events.jsonl")
     assert sum(e["event"] == "moments_collected" for e in events) == 1
+
+
+# ---------------------------------------------------------------------------- examples
+
+
+def test_masking_example_inverts_sub_cohort_models_and_refuses_client_models(
+    tmp_path: Path,
+) -> None:
+    from secfl.config import load_config
+
+    from .conftest import ROOT
+
+    config = load_config(ROOT / "examples" / "digits_refine_masking.yaml")
+    raw = config.to_dict()
+    raw["refine"]["server_inversion"]["teacher"] = "clients"
+    with pytest.raises(ConfigError, match="hides every client's update"):
+        config_from_dict(raw)
+    raw["refine"]["server_inversion"].update(teacher="cohorts", **FAST_INVERSION)
+    raw["refine"]["client_inversion"].update(steps=5)
+    raw.update(rounds=1)
+    raw["model"]["hidden"] = [32]
+    secfl.run(config_from_dict(raw), tmp_path / "run")
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    (refined,) = [e for e in events if e["event"] == "refined"]
+    assert refined["teacher"] == "cohorts" and refined["teachers"] >= 2
+    (collected,) = [e for e in events if e["event"] == "moments_collected"]
+    assert len(collected["contributors"]) == 10

@@ -4,7 +4,9 @@ synthetic samples of every class and trains on its own records plus those.
 Under label skew a client's local steps erase what the global model knows about classes the
 client lacks; samples the global model assigns to those classes, trained with their target
 labels, hold that knowledge in place (FedGen's motivation, without a generator). Inverting
-the global model costs no privacy: it is what the server released.
+the global model costs no privacy: it is what the server released. The feature statistics
+the inversion matches (``feature_stats`` > 0) are those of the client's own records under the
+global model, computed on the device and never sent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from secfl.encode.flatten import load_parameters
 from secfl.messages import FitIns
 from secfl.randomness import Randomness
 from secfl.refine.inversion import InversionSettings, SyntheticSet, invert
+from secfl.refine.moments import ActivationMoments
 
 
 class ClientAugmenter:
@@ -46,6 +49,9 @@ class ClientAugmenter:
 
     def __call__(self, ins: FitIns) -> Dataset:
         load_parameters(self._model, np.asarray(ins.weights, dtype=np.float32))
+        # the statistics of the client's own records (the inputs' scale for the starting
+        # point; matched only when feature_stats > 0) never leave the client
+        moments = ActivationMoments.of_data(self._model, self._data.x)
         synthetic = invert(
             [self._model],
             input_shape=self._input_shape,
@@ -57,6 +63,7 @@ class ClientAugmenter:
                 attempt=ins.attempt,
                 party=self._party,
             ),
+            moments=moments,
         )
         self.last = synthetic
         return Dataset(

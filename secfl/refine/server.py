@@ -84,8 +84,10 @@ class ServerRefiner:
         prefix = {"clients": "client:", "cohorts": "cohort:"}.get(self.source or "")
         if prefix is not None:
             shown = [before + u for key, u in sorted(revealed.items()) if key.startswith(prefix)]
-            if shown:
-                return shown
+            # the aggregate and earlier globals keep what the round's participants lack
+            # (under label skew a class no participant holds would otherwise be distilled
+            # from teachers that never saw it)
+            return [*shown, aggregate, *self.history]
         return [aggregate, *self.history]
 
     def refine(
