@@ -442,3 +442,38 @@ def test_default_audit_key_is_private_random_and_outside_run_dirs(tmp_path: Path
         load_or_create_audit_key(inside, run_dir=tmp_path / "run")
     with pytest.raises(AuditError, match="does not exist"):
         load_or_create_audit_key(tmp_path / "missing.pem")
+
+
+@pytest.mark.slow  # the torn-tail tests above cover the repair; this kills a real process
+def test_sigkilled_cli_run_resumes_to_a_verifiable_chain(
+    server_key: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    raw = _config(server_key[0], rounds=4).to_dict()
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    folder = tmp_path / "killed"
+    command = [sys.executable, "-m", "secfl", "run", str(config), "--no-progress"]
+    proc = subprocess.Popen([*command, "--out", str(folder)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            metrics = folder / "metrics.json"
+            if metrics.exists() and '"round": 2' in metrics.read_text():
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    subprocess.run([*command, "--resume", str(folder)], check=True, capture_output=True)
+    audit = [sys.executable, "-m", "secfl", "audit", str(folder)]
+    out = subprocess.run([*audit, "--server-key", str(server_key[1])], capture_output=True)
+    assert out.returncode == 0, out.stdout.decode()[-3000:]
+    assert subprocess.run(audit, capture_output=True).returncode == 3
