@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +72,39 @@ def _resign(lines: list[bytes], signer: SigningKey) -> list[bytes]:
 
 def _problems(folder: Path, key: SigningKey = SERVER) -> list[str]:
     return [str(p) for p in verify_run(folder, key.public_bytes()).problems]
+
+
+KAT_LINE = (
+    '{"event":"warning","genesis":{"config_fingerprint":null,"format":"secfl-audit/1",'
+    '"run_id":"00000000000000000000000000000000",'
+    '"server_key":"605a0d553d17ef6ae76bd1bd6667c226d750df806c9af0d722b073b9bbe813b8"},'
+    '"hash":"a611531f942114cc18d814c15b516346f8f8eed735bac0daa270c7181e8828b1",'
+    '"message":"h\\u00e9llo",'
+    '"prev":"0000000000000000000000000000000000000000000000000000000000000000","seq":0,'
+    '"sig":"ca48fcc9e82ef2e7c0a8f651f7ab23efa3ca7cc7cb3462bfa70951f5ab3e7f6e739f500ab9c90c'
+    '3154d6fc23fd132a817b6d758a7b48723eefef1e1398065a01","time":1.5}'
+)
+
+
+def test_known_answer_record_vector() -> None:
+    """protocols/audit_log.md's vector: Ed25519 seed of 32 zero bytes, record 0."""
+    key = SigningKey.from_seed(bytes(32))
+    log_dir = Path(tempfile.mkdtemp())
+    try:
+        log = EventLog(log_dir / "events.jsonl", clock=lambda: 1.5, signer=key, run_id="00" * 16)
+        log.emit("warning", message="h\u00e9llo")
+        log.close()
+        assert (log_dir / "events.jsonl").read_text() == KAT_LINE + "\n"
+    finally:
+        shutil.rmtree(log_dir)
+    # the hash by hand: SHA-256 of the domain label and the line without hash and sig
+    body = json.loads(KAT_LINE)
+    del body["hash"], body["sig"]
+    text = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert (
+        hashlib.sha256(b"secfl/audit/record/v1\n" + text).hexdigest()
+        == json.loads(KAT_LINE)["hash"]
+    )
 
 
 def test_untouched_log_verifies_and_read_events_hides_chain_fields(tmp_path: Path) -> None:
