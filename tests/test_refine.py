@@ -298,7 +298,8 @@ def test_a_run_reports_the_memorisation_check(tmp_path: Path) -> None:
     (check,) = [e for e in events if e["event"] == "memorisation_check"]
     assert check["ratio"] == row["refine"]["memorisation"]["ratio"]
     (refined,) = [e for e in events if e["event"] == "refined"]
-    assert refined["teacher"] == "clients" and refined["teachers"] == 5
+    # five client models plus the aggregate (round 1: no earlier global yet)
+    assert refined["teacher"] == "clients" and refined["teachers"] == 6
     assert refined["synthetic"] == 30
     html = (tmp_path / "run" / "report.html").read_text()
     assert "<h2>Refinement</h2>" in html and "synthetic samples per class" in html
