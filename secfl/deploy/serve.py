@@ -346,10 +346,14 @@ def _close_interrupted(
         r, a = attempt["round"], attempt["attempt"]
         stages = attempt["stages"]
         released = bool(_RELEASING_STAGES.intersection(stages))
+        charge = None
         if user_level is not None and privacy.global_ledger is not None and released:
-            privacy.global_ledger.add(user_level.planned_event(r, a))
+            charge = user_level.planned_event(r, a)
+            privacy.global_ledger.add(charge)
         if attempt["closed"]:
             continue
+        if charge is not None:
+            events.emit("dp_event", **charge.to_dict())
         for client in attempt["participants"]:
             events.emit(
                 "client_dropped",
