@@ -20,6 +20,8 @@ commands:
           against the server's public key (--server-key), and print the privacy ledger
   bench   run a performance benchmark and write its JSON (ratios against a baseline
           measured in the same run); `secfl bench --list` names them
+  attack  run the attack-evaluation suite of a threat model against a config; writes
+          attack_report.json and attack_report.html (docs/auditor_guide.md)
   keys / serve / join / decryptor
           real deployment over gRPC with mutual TLS (docs/deployment.md)
 """
@@ -63,6 +65,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "server's operator, never from the run directory",
     )
     audit.add_argument("--json", action="store_true", help="print the result and ledger as JSON")
+
+    attack = sub.add_parser(
+        "attack",
+        help="run the attack-evaluation suite",
+        description="Run what the threat model's adversary can do against CONFIG.yaml and "
+        "check its guarantees; writes attack_report.json and attack_report.html to --out.",
+    )
+    attack.add_argument("config", metavar="CONFIG.yaml", help="run configuration (YAML)")
+    attack.add_argument(
+        "--threat-model", required=True, metavar="FILE", help="threat_models/NAME.yaml"
+    )
+    attack.add_argument("--out", required=True, metavar="DIR", help="a new report directory")
+    attack.add_argument("--quick", action="store_true", help="fewer repetitions and trials")
+    attack.add_argument("--no-progress", action="store_true", help="say nothing while running")
 
     bench = sub.add_parser(
         "bench",
@@ -142,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return audit_command(
                 Path(args.run_dir), server_key_path=args.server_key, as_json=args.json
             )
+        if args.command == "attack":
+            from secfl.attack_suite.cli import attack_command
+
+            return attack_command(args)
         from secfl.deploy.commands import DEPLOY_COMMANDS, run_deploy_command
 
         if args.command in DEPLOY_COMMANDS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,12 @@ def test_malformed_threat_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="surprise"):
         load_threat_model(bad)
     bad.write_text(
-        src.replace("guarantees: []", "guarantees: [{metric: psnr, op: '~', threshold: 1}]")
+        re.sub(
+            r"guarantees:.*?(?=required_epsilon:)",
+            "guarantees: [{metric: psnr, op: '~', threshold: 1}]\n",
+            src,
+            flags=re.S,
+        )
     )
     with pytest.raises(ConfigError, match="op"):
         load_threat_model(bad)

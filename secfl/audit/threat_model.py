@@ -45,14 +45,27 @@ class Guarantee(StrictModel):
     description: str = ""
     #: Modes the check applies to; empty means every mode in ``applies_to``.
     modes: list[ProtectionMode] = Field(default_factory=list)
+    #: When set, the bound is ``threshold`` times this epsilon of the configuration: the
+    #: ledger's epsilon at that level, or ``required_epsilon`` where the level has no DP.
+    relative_to: Literal["epsilon.sample_level", "epsilon.user_level"] | None = None
 
-    def holds(self, value: float) -> bool:
+    def bound(self, reference: float | None = None) -> float:
+        """The threshold the value is compared with (``reference``: the epsilon named by
+        ``relative_to``)."""
+        if self.relative_to is None:
+            return self.threshold
+        if reference is None:
+            raise ValueError(f"guarantee {self.metric!r} needs the {self.relative_to} figure")
+        return self.threshold * reference
+
+    def holds(self, value: float, reference: float | None = None) -> bool:
+        bound = self.bound(reference)
         return {
-            "<=": value <= self.threshold,
-            "<": value < self.threshold,
-            ">=": value >= self.threshold,
-            ">": value > self.threshold,
-            "==": value == self.threshold,
+            "<=": value <= bound,
+            "<": value < bound,
+            ">=": value >= bound,
+            ">": value > bound,
+            "==": value == bound,
         }[self.op]
 
 
