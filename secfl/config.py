@@ -265,6 +265,13 @@ class SimulationConfig(StrictModel):
     #: machines, one MNIST-1D CNN step took 4.6 ms with 1 thread and 37 ms with 2 while
     #: other processes ran (OpenMP threads oversubscribe). ``null`` keeps torch's default.
     torch_threads: Annotated[int, Field(ge=1, le=256)] | None = 1
+    #: Where the simulated clients run: in this process, or in Ray actors
+    #: (``secfl.deploy.ray_transport``; needs ``security.randomness: seeded``).
+    transport: Literal["inprocess", "ray"] = "inprocess"
+    #: Ray cluster to join (``auto``, ``ray://HOST:10001``); None starts a local instance.
+    ray_address: str | None = None
+    #: Ray actors hosting the clients (None: one per CPU of the cluster, at most one per client).
+    ray_workers: Annotated[int, Field(ge=1, le=100_000)] | None = None
 
     @model_validator(mode="after")
     def _stages_for_rate(self) -> SimulationConfig:

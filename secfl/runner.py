@@ -41,6 +41,7 @@ from secfl.refine.run import build_refiner, record_refinement
 from secfl.server.loop import FederatedServer, RoundOutcome
 from secfl.server.optimizers import make_server_optimizer
 from secfl.server.protection import Protection
+from secfl.transport.base import Transport
 from secfl.transport.dropout import with_simulated_dropouts
 from secfl.transport.inprocess import InProcessTransport
 from secfl.trust.defense import TrustModule, build_trust
@@ -215,7 +216,9 @@ def _run(
     ]
     transport = with_simulated_dropouts(
         with_adversary(
-            InProcessTransport({c.client_id: c.handle for c in clients}),
+            InProcessTransport({c.client_id: c.handle for c in clients})
+            if config.simulation.transport == "inprocess"
+            else _ray_transport(config),
             config,
             clients,
             randomness=randomness,
@@ -399,6 +402,12 @@ def _receipt_book(events: EventLog, folder: Path, client_id: int) -> ReceiptBook
         run_id=bytes.fromhex(events.run_id),
         sink=receipt_sink(folder, client_id),
     )
+
+
+def _ray_transport(config: RunConfig) -> Transport:
+    from secfl.deploy.ray_transport import RayTransport
+
+    return RayTransport(config)
 
 
 def _attempt_for(round_index: int, events: EventLog, randomness: Randomness) -> int:
