@@ -102,7 +102,7 @@ def invert_by_optimisation(
     load_parameters(model, np.asarray(weights, np.float32))
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    target = -torch.from_numpy(np.asarray(update, np.float32))
+    target = -torch.from_numpy(np.array(update, dtype=np.float32))
     generator = torch.Generator().manual_seed(settings.seed)
     low, high = bounds
     start = low + (high - low) * torch.rand((len(labels), *input_shape), generator=generator)

@@ -136,8 +136,13 @@ def membership_inference(
         )
         _, shadow_phi = per_record(shadow, pool)
         out_phi[k, ~half] = shadow_phi[~half]
-    mu = np.nanmean(out_phi, axis=0)
-    mu = np.where(np.isnan(mu), np.nanmean(out_phi), mu)
+    seen = ~np.isnan(out_phi)
+    counts = seen.sum(axis=0)
+    # a candidate no shadow left out (possible with few shadows) gets the pooled OUT mean
+    pooled = float(np.nanmean(out_phi))
+    mu = np.where(
+        counts > 0, np.where(seen, out_phi, 0.0).sum(axis=0) / np.maximum(counts, 1), pooled
+    )
     sigma = float(np.nanstd(out_phi - mu[None, :])) or 1.0
     lira_score = (phi - mu) / sigma
     result = MembershipResult(

@@ -75,6 +75,52 @@ class ProbeOutcome:
         }
 
 
+@dataclass(frozen=True, eq=False)
+class RecordSpace:
+    """The dataset's own units, where PSNR is measured: model inputs standardised with the
+    shared set's statistics (``data.standardize``) are mapped back, so a 20 dB threshold
+    means the same for every configuration of a dataset (digits: pixels in [0, 1])."""
+
+    mean: np.ndarray | None
+    std: np.ndarray | None
+    bounds: tuple[float, float]
+    #: The mean image of the public shared set, in these units (the baseline).
+    mean_image: np.ndarray
+
+    @property
+    def data_range(self) -> float:
+        return (self.bounds[1] - self.bounds[0]) or 1.0
+
+    def to_raw(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        if self.mean is None or self.std is None:
+            return x
+        flat = x.reshape(len(x), -1) * self.std + self.mean
+        return flat.reshape(x.shape)
+
+
+def record_space(config: RunConfig, data: FederatedData) -> RecordSpace:
+    """The :class:`RecordSpace` of ``config``'s data (same split: standardising draws no
+    randomness, so the unstandardised build holds the same records in the same order)."""
+    from secfl.data.federated import build_federated_data
+    from secfl.randomness import Randomness
+
+    raw = build_federated_data(
+        config.data.model_copy(update={"standardize": "none"}),
+        Randomness(config.security.randomness, config.seed),
+    )
+    everything = np.concatenate([c.x for c in raw.clients])
+    bounds = (float(everything.min()), float(everything.max()))
+    source = raw.shared if len(raw.shared) else raw.test
+    mean_image = source.x.mean(axis=0).astype(np.float64)
+    if all(np.array_equal(a.x, b.x) for a, b in zip(raw.clients, data.clients)):
+        return RecordSpace(None, None, bounds, mean_image)
+    flat = raw.shared.x.reshape(len(raw.shared), -1).astype(np.float64)
+    std = flat.std(axis=0)
+    std[std < 1e-6] = 1.0
+    return RecordSpace(flat.mean(axis=0), std, bounds, mean_image)
+
+
 def _client_records(data: FederatedData, client: int, start: int, count: int) -> Dataset:
     part = data.clients[client]
     index = (np.arange(start, start + count) % len(part)).astype(np.int64)
@@ -94,6 +140,7 @@ def run_probe(
     *,
     folder: Path,
     optimisation: OptimisationSettings,
+    space: RecordSpace,
     geiping_targets: int,
     geiping_max_records: int,
     examples: int = 4,
@@ -114,9 +161,8 @@ def run_probe(
     )
     weights = initial_weights(config, data)
     everything = np.concatenate([c.x for c in data.clients])
+    # the optimisation attack searches the model's input box; PSNR is in the record space
     bounds = (float(everything.min()), float(everything.max()))
-    data_range = bounds[1] - bounds[0] or 1.0
-    mean_image = (data.shared.x if len(data.shared) else data.test.x).mean(axis=0)
     mode = config.aggregation.protection
     outcome = ProbeOutcome(
         spec.name,
@@ -157,8 +203,9 @@ def run_probe(
 
                 load_parameters(model, weights)
                 candidates = invert_analytic(model, update)
-                shaped = candidates.reshape(len(candidates), *data.input_shape)
-                analytic, picks = best_match(shaped, truth.x, data_range, bounds)
+                shaped = space.to_raw(candidates.reshape(len(candidates), *data.input_shape))
+                truth_raw = space.to_raw(truth.x)
+                analytic, picks = best_match(shaped, truth_raw, space.data_range, space.bounds)
                 if optimised_targets < geiping_targets and len(truth) <= geiping_max_records:
                     optimised_targets += 1
                     rebuilt = invert_by_optimisation(
@@ -170,7 +217,10 @@ def run_probe(
                         bounds=bounds,
                         settings=optimisation,
                     )
-                    optimised, opt_picks = best_match(rebuilt, truth.x, data_range, bounds)
+                    rebuilt = space.to_raw(rebuilt)
+                    optimised, opt_picks = best_match(
+                        rebuilt, truth_raw, space.data_range, space.bounds
+                    )
                 else:
                     if optimised_targets < geiping_targets:
                         outcome.skipped.append(
@@ -180,16 +230,16 @@ def run_probe(
                 outcome.psnr["analytic"].extend(analytic.tolist())
                 outcome.psnr["optimisation"].extend(optimised.tolist())
                 for i in range(len(truth)):
-                    outcome.baseline.append(psnr(mean_image, truth.x[i], data_range))
+                    outcome.baseline.append(psnr(space.mean_image, truth_raw[i], space.data_range))
                     if len(outcome.examples) >= examples:
                         continue
                     if analytic[i] >= optimised[i] and picks[i] >= 0:
-                        rec = np.clip(shaped[picks[i]], *bounds)
-                        outcome.examples.append((truth.x[i], rec, "analytic", float(analytic[i])))
+                        rec = np.clip(shaped[picks[i]], *space.bounds)
+                        outcome.examples.append((truth_raw[i], rec, "analytic", float(analytic[i])))
                     elif rebuilt is not None and opt_picks is not None:
-                        rec = rebuilt[opt_picks[i]]
+                        rec = np.clip(rebuilt[opt_picks[i]], *space.bounds)
                         outcome.examples.append(
-                            (truth.x[i], rec, "optimisation", float(optimised[i]))
+                            (truth_raw[i], rec, "optimisation", float(optimised[i]))
                         )
     finally:
         federation.close()

@@ -179,8 +179,9 @@ class AttackSuite:
         data = build_federated_data(
             self.config.data, Randomness(self.config.security.randomness, self.config.seed)
         )
-        everything = np.concatenate([c.x for c in data.clients])
-        self.bounds = (float(everything.min()), float(everything.max()))
+        from secfl.attack_suite.probes import record_space
+
+        self.space = record_space(self.config, data)
         needs_run = bool(self.families & {"membership", "dp_audit", "audit_power", "poisoning"})
         run_result = None
         if needs_run:
@@ -227,7 +228,7 @@ class AttackSuite:
         }
         report.write_json(self.out, document)
         report.write_html(
-            self.out, document, figures=self.figures, images=self.images, bounds=self.bounds
+            self.out, document, figures=self.figures, images=self.images, bounds=self.space.bounds
         )
         return document
 
@@ -251,6 +252,7 @@ class AttackSuite:
                 spec,
                 folder=self.out / "probes" / spec.name,
                 optimisation=optimisation,
+                space=self.space,
                 geiping_targets=s.optimisation_targets,
                 geiping_max_records=s.optimisation_max_records,
             )
