@@ -47,6 +47,7 @@ def test_ray_refuses_what_it_cannot_reproduce() -> None:
     check_ray_config(_config())
 
 
+@pytest.mark.slow  # tests/test_deploy_bench.py checks the same equality (ray_matches_inprocess)
 def test_seeded_run_is_identical_in_process_and_on_ray(local_ray: None, tmp_path: Path) -> None:
     config = _config()
     here = run(config, tmp_path / "inprocess")

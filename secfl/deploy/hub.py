@@ -471,10 +471,15 @@ class HubTransport:
             attempt=int(getattr(first, "attempt", 0)),
             stage=type(first).__name__,
             replied=sorted(c for c, r in replies.items() if r is not None),
+            # secfl payload bytes (without gRPC/TLS framing) sent and accepted at this stage
+            bytes_out=sum(len(p) for p in requests.values()),
+            bytes_in=sum(len(r) for r in replies.values() if r is not None),
         )
         self.events.sync()
         return replies
 
 
 register_event("deploy_stage", ("round", "attempt", "stage", "parties"))
-register_event("deploy_stage_done", ("round", "attempt", "stage", "replied"))
+register_event(
+    "deploy_stage_done", ("round", "attempt", "stage", "replied", "bytes_out", "bytes_in")
+)
