@@ -155,6 +155,43 @@ def test_colluders_with_distinct_opposing_vectors_lose_the_vote() -> None:
         assert int(np.argmax(naive)) >= 6
 
 
+def test_boosted_colluders_who_are_most_of_the_vouched_rows_are_still_flagged() -> None:
+    """Late in training: honest updates nearly orthogonal to the reference (two of them at
+    cosine <= 0), four distinct boosted colluders at a small positive cosine. The vouched
+    rows are then mostly colluders; estimated on them alone the norm-ratio bound sits at
+    the colluders' norm and keeps them (the defect measured with the backdoor). The whole
+    round's median is honest, so its bound is used and all four are flagged."""
+    rng = np.random.default_rng(7)
+    d = 400
+    reference = rng.normal(size=d)
+    reference /= np.linalg.norm(reference)
+    noise = rng.normal(size=(10, d))
+    noise -= np.outer(noise @ reference, reference)  # orthogonal to the reference
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    updates: dict[int, np.ndarray] = {}
+    honest_cosine = [0.5, 0.4, 0.3, 0.2, -0.05, -0.1]  # rows 0-5; 4 and 5 not vouched
+    for i, c in enumerate(honest_cosine):
+        norm = rng.uniform(0.8, 1.2)
+        updates[i] = (norm * (c * reference + np.sqrt(1 - c * c) * noise[i])).astype(np.float32)
+    for i in range(6, 10):  # colluders: cosine 0.06, norm about 40 times the honest
+        updates[i] = (40.0 * (0.06 * reference + np.sqrt(1 - 0.0036) * noise[i])).astype(np.float32)
+    decision = decide_by_vote(
+        updates, dict.fromkeys(updates, 1.0), reference=reference, reputation={}, config=_config()
+    )
+    assert decision.trusted_party == 0
+    assert {6, 7, 8, 9} <= set(decision.flagged)
+    assert all("norm_ratio" in decision.flagged[c] for c in (6, 7, 8, 9))
+    assert "whole round" in str(decision.thresholds["norm_ratio"]["how"])
+    assert not {1, 2, 3} & set(decision.flagged)
+    # the earlier rule (bounds from the vouched rows 1, 2, 3, 6, 7, 8, 9 alone) kept them
+    vouched = np.array([c in (1, 2, 3, 6, 7, 8, 9) for c in range(10)])
+    ratios = np.array([np.linalg.norm(updates[c]) / np.linalg.norm(updates[0]) for c in range(10)])
+    sample = ratios[vouched]
+    centre = np.median(sample)
+    spread = max(1.4826 * np.median(np.abs(sample - centre)), 0.1 * centre)
+    assert ratios[6:].max() < centre + 4.0 * spread
+
+
 def test_sybils_agreeing_with_the_reference_are_caught_by_duplication() -> None:
     """ALIE-style colluders send one vector close to the honest mean (high reference
     cosine); only near-duplicate detection separates them."""

@@ -256,6 +256,50 @@ def test_a_flagged_subcohort_never_reaches_the_released_aggregate(tmp_path: Path
     assert trust.admit(fed.ids, round_index=2, attempt=0, events=later) == fed.ids
 
 
+@pytest.mark.parametrize("cap", [3.0, None])
+def test_subcohorts_longer_than_the_cap_times_the_trusted_one_are_flagged(
+    tmp_path: Path, cap: float | None
+) -> None:
+    """Most sub-cohorts hold a boosted attacker that keeps a positive reference cosine, so
+    the median and MAD over the candidates are the attackers': only the bound on the
+    length against the trusted sub-cohort (``suspicion.norm_ratio_max``) flags them."""
+    rng = np.random.default_rng(11)
+    d = 64
+    reference = rng.normal(size=d)
+    reference /= np.linalg.norm(reference)
+
+    def mean(cosine: float, length: float) -> np.ndarray:
+        side = rng.normal(size=d)
+        side -= (side @ reference) * reference
+        side /= np.linalg.norm(side)
+        return (length * (cosine * reference + np.sqrt(1 - cosine**2) * side)).astype(np.float32)
+
+    cohorts = {
+        0: ((0, 1, 2), mean(0.9, 1.0), 30.0),  # honest: elected
+        1: ((3, 4, 5), mean(0.85, 1.2), 30.0),  # honest
+        2: ((6, 7, 8), mean(0.6, 4.0), 30.0),  # each holds a boosted attacker
+        3: ((9, 10, 11), mean(0.55, 5.0), 30.0),
+        4: ((12, 13, 14), mean(0.6, 4.5), 30.0),
+        5: ((15, 16, 17), mean(0.5, 6.0), 30.0),
+    }
+    config = TrustConfig.model_validate({"suspicion": {"norm_ratio_max": cap}})
+    trust = TrustModule(config, reference=lambda w, round_index, attempt: reference.copy())
+    events = EventLog(tmp_path / "events.jsonl")
+    decision = trust.defend_cohorts(
+        cohorts, global_weights=np.zeros(d), round_index=1, attempt=0, events=events
+    )
+    events.close()
+    assert decision.trusted_party == 0
+    if cap is None:  # the round's spread alone: the poisoned majority sets the bounds
+        assert not {2, 3, 4, 5} & set(decision.flagged)
+        return
+    assert set(decision.flagged) == {2, 3, 4, 5}
+    assert all("norm_ratio_max=3" in decision.flagged[j] for j in (2, 3, 4, 5))
+    assert decision.kept == (0, 1)
+    assert all(trust.suspicion.of(c) == 1.0 for c in range(6, 18))
+    assert all(trust.suspicion.of(c) == 0.0 for c in range(6))
+
+
 # ---------------------------------------------------------------------------- runs
 
 

@@ -298,9 +298,11 @@ def decide_by_scalars(
 
 
 def _thresholds(
-    config: TrustConfig, values: Mapping[str, np.ndarray], population: np.ndarray
+    config: TrustConfig, values: Mapping[str, np.ndarray], populations: Populations
 ) -> dict[str, Threshold]:
-    """The round's flagging bounds: fixed, or median + k MAD over ``population``."""
+    """The round's flagging bounds: fixed, or median -+ k MAD over the primary population;
+    for a metric whose primary centre is itself an outlier of the whole round (beyond the
+    whole round's bound), the whole round's bound (see :func:`_population`)."""
     settings = config.threshold
     if settings.kind == "fixed":
         return fixed_thresholds(
@@ -309,32 +311,62 @@ def _thresholds(
             norm_ratio_max=settings.norm_ratio_max,
             metrics=config.compare.metrics,
         )
-    return robust_thresholds(values, population, k=settings.k, min_spread=settings.min_spread)
+    primary, whole = populations
+    k, floor = settings.k, settings.min_spread
+    out = robust_thresholds(values, primary, k=k, min_spread=floor)
+    if whole is primary:
+        return out
+    for metric, bound in robust_thresholds(values, whole, k=k, min_spread=floor).items():
+        held = out.get(metric)
+        if held is None:
+            continue
+        centre = float(np.median(values[metric][primary]))
+        if bound.violated(centre):
+            out[metric] = replace(
+                bound,
+                how=(
+                    f"{bound.how} over the whole round: the vouched rows' median "
+                    f"{centre:.4g} is beyond it"
+                ),
+            )
+    return out
+
+
+#: (primary population, whole round): see :func:`_population`.
+Populations = tuple[np.ndarray, np.ndarray]
 
 
 def _population(
     n: int, elected: int, sybil_rows: set[int], ref_cos: np.ndarray | None
-) -> np.ndarray:
-    """Rows the robust centre and spread are estimated on: everyone but the trusted party
-    and the Sybils, restricted to those the reference vouches for (cosine > 0) when at
-    least :data:`MIN_POPULATION` are and they are a strict majority of the wider set;
-    otherwise the wider set. A minority of colluders then cannot inflate the spread enough
-    to hide among the honest; and late in training, when most honest updates are nearly
-    orthogonal to the reference (cosine <= 0 by chance), the few vouched rows cannot be a
-    population that colluders who keep a positive cosine dominate: the wider set's median
-    is then the robust one (colluders are a minority of the round)."""
+) -> Populations:
+    """Rows the robust centre and spread are estimated on.
+
+    The primary population is everyone but the trusted party and the Sybils, restricted
+    to those the reference vouches for (cosine > 0) when at least :data:`MIN_POPULATION`
+    are and they are a strict majority of the wider set; otherwise the wider set. A large
+    minority of colluders pointing away from the reference then cannot inflate the spread
+    and hide inside it; and late in training, when most honest updates are nearly
+    orthogonal to the reference (cosine <= 0 by chance), the few vouched rows are not
+    relied on.
+
+    The second population is the wider set (the whole round), where honest rows are the
+    majority whenever colluders are a minority (MAD's 50% breakdown point). Where the
+    primary population's median of a metric is beyond the whole round's bound, most
+    vouched rows are outliers of the round, and the whole round's bound is used for that
+    metric: boosted colluders who keep a positive reference cosine can be most of the
+    vouched rows even when those are a majority of the round, and would otherwise set the
+    bound on the very norm that betrays them."""
     base = np.ones(n, dtype=bool)
     base[elected] = False
     base[list(sybil_rows)] = False
+    if not base.any():
+        base = np.ones(n, dtype=bool)
+        base[elected] = False
     if ref_cos is not None:
         vouched = base & (ref_cos > 0)
         if vouched.sum() >= MIN_POPULATION and 2 * vouched.sum() > base.sum():
-            return vouched
-    if base.sum() >= 1:
-        return base
-    others = np.ones(n, dtype=bool)
-    others[elected] = False
-    return others
+            return vouched, base
+    return base, base
 
 
 def decide_by_baseline(
@@ -397,23 +429,41 @@ def _flag_against_reference(
     decision: TrustDecision,
     reference: np.ndarray | None,
     cohorts: Mapping[int, tuple[tuple[int, ...], np.ndarray, float]],
+    *,
+    norm_ratio_max: float | None = None,
 ) -> TrustDecision:
     """Sub-cohorts: also flag every candidate whose mean points away from the server's
-    reference update (cosine <= 0; FLTrust's ReLU, Cao et al. 2021). With a handful of
-    candidates, half of them poisoned, the robust spread is estimated on too few vouched
-    sub-cohorts to be trusted, and a poisoned sub-cohort mean must never pass for lack of
-    a population."""
-    if reference is None:
+    reference update (cosine <= 0; FLTrust's ReLU, Cao et al. 2021), and, with
+    ``norm_ratio_max``, every candidate whose mean is longer than ``norm_ratio_max`` times
+    the trusted sub-cohort's (norm bounding to the trusted party, as FLTrust bounds every
+    update by the reference's norm). With a handful of candidates, most of them holding an
+    attacker, the robust spread is estimated on too few clean sub-cohorts to be trusted,
+    and a poisoned sub-cohort mean must never pass for lack of a population; a mean of
+    ``min_cohort`` honest updates concentrates, so a fixed bound on its length against
+    the trusted one is safe for honest sub-cohorts."""
+    if reference is None and norm_ratio_max is None:
         return decision
     flagged = dict(decision.flagged)
     ids = sorted(cohorts)
     x = np.stack([np.asarray(cohorts[j][1], dtype=np.float32) for j in ids])
-    for j, cosine in zip(ids, cosine_with(x, reference)):
-        if j not in flagged and float(cosine) <= 0.0:
-            flagged[j] = (
-                f"sub-cohort mean points away from the server's reference update "
-                f"(cosine {float(cosine):.4g} <= 0)"
-            )
+    if reference is not None:
+        for j, cosine in zip(ids, cosine_with(x, reference)):
+            if j not in flagged and float(cosine) <= 0.0:
+                flagged[j] = (
+                    f"sub-cohort mean points away from the server's reference update "
+                    f"(cosine {float(cosine):.4g} <= 0)"
+                )
+    trusted = decision.trusted_party
+    if norm_ratio_max is not None and trusted is not None:
+        row = ids.index(trusted)
+        ratios = compare_with(x, x[row], ("norm_ratio",))["norm_ratio"]
+        for j, ratio in zip(ids, ratios):
+            if j not in flagged and j != trusted and float(ratio) > norm_ratio_max:
+                flagged[j] = (
+                    f"sub-cohort mean is {float(ratio):.4g} times as long as the trusted "
+                    f"sub-cohort {trusted}'s, above trust.suspicion.norm_ratio_max="
+                    f"{norm_ratio_max:g}"
+                )
     if len(flagged) == len(decision.flagged):
         return decision
     kept = tuple(j for j in decision.kept if j not in flagged)
@@ -639,7 +689,9 @@ class TrustModule:
             config=self.config,
             detect_sybils=False,
         )
-        decision = _flag_against_reference(decision, reference, cohorts)
+        decision = _flag_against_reference(
+            decision, reference, cohorts, norm_ratio_max=self.config.suspicion.norm_ratio_max
+        )
         kept_clients = [c for j in decision.kept for c in members[j]]
         flagged_clients = [c for j in decision.flagged for c in members[j]]
         self.reputation.update(kept=kept_clients, flagged=flagged_clients)
