@@ -211,7 +211,7 @@ def write_html(
     bounds: tuple[float, float],
 ) -> Path:
     """The report page: summary, checks, then each figure (title, SVG) and the
-    reconstructions (per probe: original above, reconstruction below, with its PSNR)."""
+    reconstructions (per probe: original beside its reconstruction, with its PSNR)."""
     checks = document["checks"]
     passed = sum(1 for c in checks if c["passed"])
     verdict = (
@@ -238,12 +238,12 @@ def write_html(
         body.append("<h2>Plots</h2>")
         body += [f'<div class="fig">{svg}</div>' for _, svg in figures]
     if images:
-        body.append("<h2>Reconstructions (original above, reconstruction below)</h2>")
+        body.append("<h2>Reconstructions (original left, reconstruction right)</h2>")
         for probe, pairs in images:
             body.append(f"<h3>{html.escape(probe)}</h3>")
             for truth, rebuilt, attack, score in pairs:
                 body.append(
-                    f'<div class="pair">{image_svg(truth, bounds=bounds)}<br>'
+                    f'<div class="pair">{image_svg(truth, bounds=bounds)} '
                     f"{image_svg(rebuilt, bounds=bounds)}<br>{html.escape(attack)} "
                     f"{score:.1f} dB</div>"
                 )
