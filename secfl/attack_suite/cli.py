@@ -17,7 +17,7 @@ def attack_command(args: argparse.Namespace) -> int:
     )
     for check in document["checks"]:
         value = check["value"]
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
         verdict = "PASS" if check["passed"] else "FAIL"
         print(f"{verdict}  {check['metric']} = {shown} ({check['op']} {check['threshold']:.4g})")
     out = Path(args.out)

@@ -101,9 +101,10 @@ def membership_inference(
     shadows: int,
     shadow_epochs: int,
     randomness: Randomness,
+    limit: int | None = None,
 ) -> tuple[MembershipResult, dict[str, np.ndarray]]:
     """Both attacks on ``target``; returns the result and the per-record scores."""
-    count = min(len(members), len(non_members))
+    count = min(len(members), len(non_members), limit or len(members))
     pick = randomness.stream("audit.mia_pick", party="auditor").numpy_generator()
     members = members.subset(np.sort(pick.choice(len(members), count, replace=False)))
     non_members = non_members.subset(np.sort(pick.choice(len(non_members), count, replace=False)))

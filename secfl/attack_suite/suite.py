@@ -50,10 +50,12 @@ class SuiteSettings:
     optimisation_targets: int = 4
     optimisation_max_records: int = 16
     record_canaries: int = 4000
-    record_repetitions: int = 5
+    record_repetitions: int = 8
     client_trials: int = 20000
     black_box_canaries: int = 128
     black_box_rounds: int = 10
+    #: Members and non-members each (at most; digits has 540 test records).
+    membership_records: int = 2000
     shadows: int = 8
     shadow_epochs: int = 20
     poisoning_attacks: tuple[str, ...] = ("sign_flip", "alie", "backdoor")
@@ -68,10 +70,11 @@ class SuiteSettings:
             fedavg_repetitions=1,
             optimisation_iterations=100,
             optimisation_targets=2,
-            record_repetitions=3,
+            record_repetitions=4,
             client_trials=12000,
             black_box_canaries=64,
             black_box_rounds=5,
+            membership_records=1000,
             shadows=4,
             shadow_epochs=10,
             poisoning_attacks=("sign_flip", "backdoor"),
@@ -386,6 +389,7 @@ class AttackSuite:
             client=config.client,
             shadows=self.settings.shadows,
             shadow_epochs=self.settings.shadow_epochs,
+            limit=self.settings.membership_records,
             randomness=self.randomness,
         )
         self.metrics["membership.auc"] = max(result.loss_auc, result.lira_auc)
