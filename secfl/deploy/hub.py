@@ -145,6 +145,7 @@ class Hub:
         """Send every request, wait at most ``timeout`` seconds, return each reply or None."""
         slots: dict[int, _Pending] = {}
         sends: list[tuple[_Stream, int, bytes]] = []
+        decoded: dict[int, tuple[int | None, int | None]] = {}
         with self._lock:
             for party_id, payload in requests.items():
                 stream = self._streams.get((role, party_id))
@@ -152,19 +153,20 @@ class Hub:
                     continue
                 exchange = self._next_exchange
                 self._next_exchange += 1
-                request = decode_message(payload)
-                slot = _Pending(
-                    role,
-                    party_id,
-                    exchange,
-                    getattr(request, "round", None),
-                    getattr(request, "attempt", None),
-                )
+                if id(payload) not in decoded:  # one broadcast object is decoded once
+                    request = decode_message(payload)
+                    decoded[id(payload)] = (
+                        getattr(request, "round", None),
+                        getattr(request, "attempt", None),
+                    )
+                slot = _Pending(role, party_id, exchange, *decoded[id(payload)])
                 self._pending.setdefault((role, party_id), {})[exchange] = slot
                 slots[party_id] = slot
                 sends.append((stream, exchange, payload))
         for stream, exchange, payload in sends:
-            _push_message(stream.outbox, exchange, payload)
+            # chunked lazily by the stream's sender: a 35 MB context for 20 clients is one
+            # shared bytes object here, never 20 lists of chunks
+            stream.outbox.put((exchange, payload))
         deadline = time.monotonic() + timeout
         for slot in slots.values():
             slot.done.wait(max(0.0, deadline - time.monotonic()))
@@ -340,7 +342,10 @@ class Hub:
                     continue
                 if item is None:
                     break
-                yield item
+                if isinstance(item, tuple):
+                    yield from _request_frames(*item)
+                else:
+                    yield item
             if stream.failure is not None:
                 reason = stream.failure[1]
                 context.abort(*stream.failure)
@@ -389,10 +394,10 @@ class Hub:
         stream.close()
 
 
-def _push_message(outbox: queue.Queue[Any], exchange: int, payload: bytes) -> None:
+def _request_frames(exchange: int, payload: bytes) -> Iterator[Any]:
     message_type, version = payload_header(payload)
     for index, data, last in split_message(payload):
-        outbox.put(
+        yield (
             pb.ServerFrame(
                 chunk=pb.Chunk(
                     exchange=exchange,
