@@ -218,3 +218,41 @@ def test_initial_weights_match_the_runner(tmp_path: Path) -> None:
     data = build_federated_data(config.data, randomness)
     expected = flatten_parameters(initial_model(config, data, randomness))
     assert np.array_equal(initial_weights(config, data), expected)
+
+
+def test_cli_runs_the_poisoning_subset_and_exits_by_the_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dataclasses
+
+    from secfl.attack_suite import suite
+    from secfl.cli import main
+
+    monkeypatch.setattr(
+        suite.SuiteSettings, "quick", classmethod(lambda cls: dataclasses.replace(TINY, rounds=2))
+    )
+    out = tmp_path / "report"
+    code = main(
+        [
+            "attack",
+            "--threat-model",
+            str(ROOT / "threat_models" / "byzantine_clients.yaml"),
+            str(ROOT / "examples" / "digits.yaml"),
+            "--out",
+            str(out),
+            "--quick",
+            "--no-progress",
+        ]
+    )
+    document = json.loads((out / "attack_report.json").read_text())
+    assert [c["metric"] for c in document["checks"]] == [
+        "poisoning.worst_acc_drop",
+        "poisoning.backdoor_asr",
+    ]
+    assert code == (0 if document["passed"] else 1)
+    # plain FedAvg with 4 of 10 sign-flipping attackers: the accuracy collapses
+    assert document["details"]["poisoning"]["attacks"]["sign_flip"]["drop_points"] > 5
+    assert "poisoning.worst_acc_drop" in capsys.readouterr().out
+    # a second run into the same directory is refused
+    assert main(["attack", "--threat-model", str(HBC), str(ROOT / "examples" / "digits.yaml"),
+                 "--out", str(out), "--quick"]) == 2  # fmt: skip
