@@ -127,10 +127,10 @@ def _client_records(data: FederatedData, client: int, start: int, count: int) ->
     return part.subset(index)
 
 
-def probe_clients(config: RunConfig) -> int:
+def probe_clients(config: RunConfig, colluders: int = 0) -> int:
     """How many clients a probe round has: the configuration's clients up to 10, at least
-    the smallest cohort the mode may reveal."""
-    return max(min(config.data.num_clients, 10), config.aggregation.min_cohort, 2)
+    the smallest cohort the mode may reveal (plus the colluders, who do not count in it)."""
+    return max(min(config.data.num_clients, 10), config.aggregation.min_cohort + colluders, 2)
 
 
 def run_probe(
@@ -144,8 +144,13 @@ def run_probe(
     geiping_targets: int,
     geiping_max_records: int,
     examples: int = 4,
+    colluders: int = 0,
 ) -> ProbeOutcome:
-    clients = probe_clients(config)
+    """One probe. ``colluders`` (threat model ``server+clients``, modes ``masking`` and
+    ``ckks``): the last ``colluders`` clients pool everything with the server, which
+    subtracts their contributions (updates and noise shares) from every sum; the coalition's
+    view is therefore a round among the honest clients alone, and that is what runs."""
+    clients = probe_clients(config, colluders)
     owners = [i % len(data.clients) for i in range(clients)]
     first = [
         _client_records(data, owner, 0 + 97 * (i // len(data.clients)), spec.records)
@@ -182,7 +187,10 @@ def run_probe(
             ]  # fmt: skip
             for app, part in zip(federation.clients, records):
                 app.data = part
-            view = federation.round(weights, rep + 1)
+            honest = None
+            if colluders and config.aggregation.protection != "none":
+                honest = [c.client_id for c in federation.clients][: clients - colluders]
+            view = federation.round(weights, rep + 1, participants=honest)
             targets: list[tuple[np.ndarray, Dataset]] = []
             if mode == "none":
                 targets = [(u, records[cid]) for cid, u in sorted(view.individual.items())]

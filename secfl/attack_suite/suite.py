@@ -167,6 +167,17 @@ class AttackSuite:
         self.figures: list[tuple[str, str]] = []
         self.images: list[tuple[str, list[tuple[np.ndarray, np.ndarray, str, float]]]] = []
         self.epsilons: dict[str, dict[str, Any]] = {}
+        #: Clients colluding with the server (threat model role server+clients): T of
+        #: privacy.user_level.colluding_clients, else 1.
+        self.colluders = 0
+        if threat_model.adversary.role == "server+clients":
+            user = config.privacy.user_level
+            self.colluders = max(1, user.colluding_clients) if user is not None else 1
+            self.notes.append(
+                f"{self.colluders} client(s) collude with the server: the inversion probes "
+                "observe the sums of the honest clients alone (the coalition subtracts its own "
+                "updates and noise shares)"
+            )
 
     def _say(self, message: str) -> None:
         if self.progress:
@@ -258,6 +269,7 @@ class AttackSuite:
                 space=self.space,
                 geiping_targets=s.optimisation_targets,
                 geiping_max_records=s.optimisation_max_records,
+                colluders=self.colluders,
             )
             outcomes.append(outcome)
             self.images.append((f"{spec.name}: {outcome.observed}", outcome.examples))
