@@ -60,6 +60,9 @@ def test_smoke_bench_writes_every_gated_key(smoke_report: dict[str, Any]) -> Non
         assert row["rounds_refined"] == (row["rounds_completed"] if refined else 0), name
         inverts = refined and "server_inversion" in (VARIANTS[row["case"]["variant"]][1] or {})
         assert (row["fidelity"] is not None) == inverts, name
+        if inverts:
+            # the fidelity's reference: the same classifier on real test records (digits)
+            assert 0.8 <= row["classifier_test_accuracy"] <= 1.0, name
         assert len(row["memorisation_ratios"]) == (row["rounds_refined"] if inverts else 0), name
     # the worst case named for a gated key is the entry that holds its value
     where = details["worst_cases"]
