@@ -116,3 +116,9 @@ def test_synthetic_fidelity_scores_real_like_samples_high_and_noise_low() -> Non
     # the same samples against shifted target labels: every one is wrong
     shifted = (near_y + 1) % 3
     assert synthetic_fidelity(near, shifted, train_x, train_y, seed=0) == pytest.approx(0.0)
+
+
+def test_refine_is_registered() -> None:
+    from secfl.bench import available_benchmarks
+
+    assert "inversion" in available_benchmarks()["refine"]
