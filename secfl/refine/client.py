@@ -48,7 +48,7 @@ class ClientAugmenter:
         self.last: SyntheticSet | None = None
 
     def __call__(self, ins: FitIns) -> Dataset:
-        load_parameters(self._model, np.asarray(ins.weights, dtype=np.float32))
+        load_parameters(self._model, np.array(ins.weights, dtype=np.float32))
         # the statistics of the client's own records (the inputs' scale for the starting
         # point; matched only when feature_stats > 0) never leave the client
         moments = ActivationMoments.of_data(self._model, self._data.x)

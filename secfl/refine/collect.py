@@ -91,7 +91,7 @@ class MomentFacet(ClientApp):
             raise SecflError(
                 f"client {self.client_id}: broadcast weights do not match their model_hash"
             )
-        load_parameters(self._model, np.asarray(ins.weights, dtype=np.float32))
+        load_parameters(self._model, np.array(ins.weights, dtype=np.float32))
         if self.privacy is not None:
             event = DpEvent(
                 mechanism="subsampled_gaussian",
