@@ -424,3 +424,32 @@ def test_straggler_becomes_a_dropout_and_its_late_reply_is_discarded(
     while not hub_server.rejections() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert any("not outstanding" in r for r in hub_server.rejections())
+
+
+def test_keys_command_and_serve_refusals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from secfl.cli import main
+
+    out = tmp_path / "pki"
+    assert main(["keys", "init", "--out", str(out), "--clients", "2", "--no-decryptor"]) == 0
+    assert sorted(p.name for p in (out / "federation" / "certs").iterdir()) == [
+        "client-0.pem",
+        "client-1.pem",
+        "server-0.pem",
+    ]
+    assert main(["keys", "issue", "--pki", str(out), "--role", "client", "--id", "2"]) == 0
+    assert main(["keys", "revoke", "--pki", str(out), "client-0"]) == 0
+    assert sorted(pki.Federation(out / "federation").client_keys()) == [1, 2]
+    seeded = tmp_path / "seeded.yaml"
+    seeded.write_text(
+        "security: {randomness: seeded}\naggregation: {protection: masking, min_cohort: 2}\n"
+    )
+    assert main(["serve", str(seeded), "--out", str(tmp_path / "run"), "--pki", str(out)]) == 2
+    assert "accept only 'os'" in capsys.readouterr().err
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("aggregation: {protection: none}\n")
+    client = ["--credentials", str(out / "client-1"), "--federation", str(out / "federation")]
+    assert main(["join", str(plain), "--server", "localhost:1", *client, "--state", "s"]) == 2
+    assert "not deployable" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
