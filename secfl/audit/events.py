@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -195,7 +196,9 @@ def head_path(path: str | Path) -> Path:
 
 
 def _write_head(path: Path, seq: int, digest: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a writer-unique temporary name: two writers of one head (threads, or two processes
+    # that share a state directory) must never move each other's file away
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps({"seq": seq, "hash": digest}) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
