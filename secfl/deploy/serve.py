@@ -21,7 +21,6 @@ ciphertexts were collected, its planned user-level DP event is charged to the le
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from secfl.deploy.roles import (
     server_protection,
 )
 from secfl.encode.flatten import flatten_parameters, load_parameters, model_hash
-from secfl.errors import CheckpointError, ConfigError, ProtocolError
+from secfl.errors import ConfigError, ProtocolError
 from secfl.he.messages import Refusal
 from secfl.models import build_model
 from secfl.privacy.federation import PrivacyRecorder
@@ -408,13 +407,3 @@ def _record(
         loss=row["loss"],
     )
     return row
-
-
-def read_port(path: Path, timeout: float = 60.0) -> int:
-    """The port a server wrote to ``path`` (waits for the file)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return int(json.loads(path.read_text()))
-        time.sleep(0.05)
-    raise CheckpointError(f"no port file {path} after {timeout} s")
