@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 
-from secfl.audit.events import EventLog, read_events
+from secfl.audit.events import read_events
 from secfl.config import config_from_dict
 from secfl.crypto import x509 as fx
 from secfl.deploy import pki
@@ -38,7 +38,7 @@ from secfl.deploy.hub import Hub, start_server
 from secfl.deploy.party import PartyConnection, channel_credentials, hello_frame, reply_frames
 from secfl.deploy.proto import secfl_pb2 as pb
 from secfl.deploy.proto import secfl_pb2_grpc as pb_grpc
-from secfl.deploy.roles import check_deployable
+from secfl.deploy.roles import ThreadSafeEventLog, check_deployable
 from secfl.errors import AuthenticationError, ConfigError
 from secfl.messages import FitIns, FitRes
 from secfl.wire import decode_message
@@ -179,7 +179,7 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
 
 class _Server:
     def __init__(self, folder: Path, pki_dir: Path) -> None:
-        self.events = EventLog(folder / "events.jsonl")
+        self.events = ThreadSafeEventLog(folder / "events.jsonl")  # hub threads emit too
         federation = pki.Federation(pki_dir / "federation")
         creds = pki.Credentials.load(pki_dir / "server-0")
         self.hub = Hub(
