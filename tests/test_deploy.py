@@ -453,3 +453,21 @@ def test_keys_command_and_serve_refusals(
     assert main(["join", str(plain), "--server", "localhost:1", *client, "--state", "s"]) == 2
     assert "not deployable" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_client_data_file_must_match_the_model(tmp_path: Path) -> None:
+    from secfl.data.datasets import Dataset
+    from secfl.deploy.join import _load_npz
+    from secfl.errors import DataError
+
+    like = Dataset("digits", np.zeros((4, 64), np.float32), np.zeros(4, np.int64), 10)
+    good = tmp_path / "mine.npz"
+    np.savez(good, x=np.ones((7, 64)), y=np.arange(7) % 10)
+    mine = _load_npz(good, like)
+    assert len(mine) == 7 and mine.num_classes == 10 and mine.x.dtype == np.float32
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.ones((7, 63)), y=np.arange(7))
+    with pytest.raises(DataError, match="the model expects"):
+        _load_npz(bad, like)
+    with pytest.raises(DataError, match="needs arrays 'x' and 'y'"):
+        _load_npz(tmp_path / "missing.npz", like)
