@@ -39,6 +39,7 @@ from secfl.deploy.party import PartyConnection, channel_credentials, hello_frame
 from secfl.deploy.proto import secfl_pb2 as pb
 from secfl.deploy.proto import secfl_pb2_grpc as pb_grpc
 from secfl.deploy.roles import ThreadSafeEventLog, check_deployable
+from secfl.encode.flatten import model_hash
 from secfl.errors import AuthenticationError, ConfigError
 from secfl.messages import FitIns, FitRes
 from secfl.wire import decode_message
@@ -471,3 +472,31 @@ def test_client_data_file_must_match_the_model(tmp_path: Path) -> None:
         _load_npz(bad, like)
     with pytest.raises(DataError, match="needs arrays 'x' and 'y'"):
         _load_npz(tmp_path / "missing.npz", like)
+
+
+def test_client_sample_level_ledger_survives_a_restart(pki_dir: Path, tmp_path: Path) -> None:
+    from secfl.deploy.join import build_client
+
+    config = config_from_dict(
+        {
+            "data": {"dataset": "digits", "num_clients": 4, "partition": {"kind": "iid"}},
+            "model": {"kind": "mlp", "hidden": [8]},
+            "client": {"epochs": 1},
+            "aggregation": {"protection": "masking", "min_cohort": 2},
+            "privacy": {"sample_level": {"noise_multiplier": 1.0, "delta": 1e-4}},
+        }
+    )
+    credentials = pki.Credentials.load(pki_dir / "client-1")
+    federation = pki.Federation(pki_dir / "federation")
+    app, handler, size = build_client(config, credentials, federation, tmp_path)
+    assert app.privacy is not None and app.privacy.ledger.events == []
+    weights = np.zeros(size, np.float32)
+    ins = FitIns(round=1, attempt=0, model_hash=model_hash(weights), weights=weights)
+    reply = handler(ins.to_bytes())
+    assert reply is not None and isinstance(decode_message(reply), FitRes)
+    assert len(app.privacy.ledger.events) == 1
+    # a restarted client process reads its ledger back: the charge is not forgotten
+    again, _, _ = build_client(config, credentials, federation, tmp_path)
+    assert again.privacy is not None
+    assert [(e.round, e.attempt) for e in again.privacy.ledger.events] == [(1, 0)]
+    assert again.privacy.ledger.epsilon() == pytest.approx(app.privacy.ledger.epsilon())

@@ -14,6 +14,7 @@ this is how the examples and tests run). ``data_file`` (``--data FILE.npz`` with
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from secfl.crypto import ckks
 from secfl.data.datasets import Dataset
 from secfl.data.federated import build_federated_data
 from secfl.deploy.framing import message_limits
-from secfl.deploy.party import PartyConnection
-from secfl.deploy.pki import Credentials, Federation
+from secfl.deploy.party import Handler, PartyConnection
+from secfl.deploy.pki import Credentials, Federation, write_file_atomic
 from secfl.deploy.roles import (
     ThreadSafeEventLog,
     check_deployable,
@@ -38,7 +39,7 @@ from secfl.encode.flatten import flatten_parameters
 from secfl.errors import ConfigError, DataError
 from secfl.he.decryptor import Decryptor
 from secfl.models import build_model
-from secfl.privacy.federation import PrivacyRecorder
+from secfl.privacy.federation import ClientPrivacy, PrivacyRecorder
 from secfl.randomness import Randomness
 from secfl.runner import initial_model
 
@@ -65,8 +66,9 @@ def build_client(
     state_dir: Path,
     *,
     data_file: Path | None = None,
-) -> tuple[ClientApp, int]:
-    """The client's app with its protocol side attached; returns (app, model size)."""
+) -> tuple[ClientApp, Handler, int]:
+    """The client's app with its protocol side attached; returns (app, the byte handler to
+    serve, model size)."""
     check_deployable(config)
     party = credentials.party
     if party.role != "client":
@@ -105,7 +107,28 @@ def build_client(
         state_dir=state_dir,
         user_level=user_level,
     )
-    return app, model_size
+    own_privacy = privacy.for_client(party.party_id)
+    handler: Handler = app.handle
+    if own_privacy is not None:
+        path = state_dir / f"client-{party.party_id}-privacy.json"
+        handler = _persisting_ledger(app, own_privacy, path)
+    return app, handler, model_size
+
+
+def _persisting_ledger(app: ClientApp, privacy: ClientPrivacy, path: Path) -> Handler:
+    """Sample-level DP: the client's ledger survives its restarts. Loaded at start; written
+    (fsync'd) after every request, before the reply, so an update never leaves uncharged."""
+    if path.exists():
+        privacy.ledger.load_state(json.loads(path.read_text(encoding="utf-8"))["ledger"])
+    handle = app.handle
+
+    def handle_and_persist(payload: bytes) -> bytes | None:
+        reply = handle(payload)
+        document = {"client": app.client_id, "ledger": privacy.ledger.state()}
+        write_file_atomic(path, json.dumps(document).encode(), private=True)
+        return reply
+
+    return handle_and_persist
 
 
 def join(
@@ -122,7 +145,7 @@ def join(
     """Run one client until the server says goodbye; returns the goodbye reason."""
     credentials = Credentials.load(credentials_dir)
     federation = Federation(federation_dir)
-    app, model_size = build_client(
+    app, handler, model_size = build_client(
         config,
         credentials,
         federation,
@@ -132,7 +155,7 @@ def join(
     connection = PartyConnection(
         server,
         credentials,
-        app.handle,
+        handler,
         config_fingerprint=config.fingerprint(),
         limits=message_limits(model_size=model_size, num_clients=config.data.num_clients),
         deadline_s=deadline_s,

@@ -26,7 +26,8 @@ from secfl.errors import AuthenticationError, ConfigError
 from secfl.secagg.identity import IdentityRegistry
 
 
-def _write(path: Path, data: bytes, *, private: bool = False) -> None:
+def write_file_atomic(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Write, fsync, rename: after a crash ``path`` holds the old or the new bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
@@ -64,11 +65,11 @@ def init_pki(
     if clients < 1:
         raise ConfigError(f"--clients must be >= 1, got {clients}")
     ca_key, ca_cert = fx.create_ca(name)
-    _write(folder / "ca" / "ca.key", fx.key_to_pem(ca_key), private=True)
-    _write(folder / "ca" / "ca.pem", fx.cert_to_pem(ca_cert))
-    _write(folder / "ca" / "issued.json", b"{}")
-    _write(folder / "ca" / "revoked.json", b"[]")
-    _write(folder / "federation" / "ca.pem", fx.cert_to_pem(ca_cert))
+    write_file_atomic(folder / "ca" / "ca.key", fx.key_to_pem(ca_key), private=True)
+    write_file_atomic(folder / "ca" / "ca.pem", fx.cert_to_pem(ca_cert))
+    write_file_atomic(folder / "ca" / "issued.json", b"{}")
+    write_file_atomic(folder / "ca" / "revoked.json", b"[]")
+    write_file_atomic(folder / "federation" / "ca.pem", fx.cert_to_pem(ca_cert))
     issue(folder, "server", 0, hosts=hosts)
     for client_id in range(clients):
         issue(folder, "client", client_id)
@@ -101,15 +102,15 @@ def issue(folder: str | Path, role: str, party_id: int, *, hosts: tuple[str, ...
         hosts=hosts,
     )
     party_dir = folder / name
-    _write(party_dir / "tls.key", fx.key_to_pem(tls_key), private=True)
-    _write(party_dir / "cert.pem", fx.cert_to_pem(cert))
-    _write(party_dir / "ca.pem", fx.cert_to_pem(ca_cert))
+    write_file_atomic(party_dir / "tls.key", fx.key_to_pem(tls_key), private=True)
+    write_file_atomic(party_dir / "cert.pem", fx.cert_to_pem(cert))
+    write_file_atomic(party_dir / "ca.pem", fx.cert_to_pem(ca_cert))
     if identity is not None:
-        _write(party_dir / "identity.key", seed, private=True)
-    _write(folder / "federation" / "certs" / f"{name}.pem", fx.cert_to_pem(cert))
+        write_file_atomic(party_dir / "identity.key", seed, private=True)
+    write_file_atomic(folder / "federation" / "certs" / f"{name}.pem", fx.cert_to_pem(cert))
     issued = json.loads(_read(folder / "ca" / "issued.json", "issued list"))
     issued.setdefault(name, []).append(cert.serial_number)
-    _write(folder / "ca" / "issued.json", json.dumps(issued, indent=1).encode())
+    write_file_atomic(folder / "ca" / "issued.json", json.dumps(issued, indent=1).encode())
     return party_dir
 
 
@@ -121,7 +122,7 @@ def revoke(folder: str | Path, name: str) -> list[int]:
         raise ConfigError(f"no certificate was issued to {name!r}; issued: {sorted(issued)}")
     revoked = set(json.loads(_read(folder / "ca" / "revoked.json", "revoked list")))
     revoked.update(int(s) for s in issued[name])
-    _write(folder / "ca" / "revoked.json", json.dumps(sorted(revoked)).encode())
+    write_file_atomic(folder / "ca" / "revoked.json", json.dumps(sorted(revoked)).encode())
     write_crl(folder)
     return sorted(revoked)
 
@@ -132,7 +133,7 @@ def write_crl(folder: str | Path) -> None:
     ca_cert = fx.cert_from_pem(_read(folder / "ca" / "ca.pem", "CA certificate"))
     revoked = json.loads(_read(folder / "ca" / "revoked.json", "revoked list"))
     crl = fx.create_crl(ca_key, ca_cert, [int(s) for s in revoked])
-    _write(folder / "federation" / "crl.pem", fx.crl_to_pem(crl))
+    write_file_atomic(folder / "federation" / "crl.pem", fx.crl_to_pem(crl))
 
 
 @dataclass(frozen=True)
