@@ -301,8 +301,8 @@ def _thresholds(
     config: TrustConfig, values: Mapping[str, np.ndarray], populations: Populations
 ) -> dict[str, Threshold]:
     """The round's flagging bounds: fixed, or median -+ k MAD over the primary population;
-    for a metric whose primary centre is itself an outlier of the whole round (beyond the
-    whole round's bound), the whole round's bound (see :func:`_population`)."""
+    for the norm ratio, the whole round's bound instead when the primary population's
+    median is itself above it (see :func:`_population`)."""
     settings = config.threshold
     if settings.kind == "fixed":
         return fixed_thresholds(
@@ -314,21 +314,16 @@ def _thresholds(
     primary, whole = populations
     k, floor = settings.k, settings.min_spread
     out = robust_thresholds(values, primary, k=k, min_spread=floor)
-    if whole is primary:
+    if whole is primary or "norm_ratio" not in out:
         return out
-    for metric, bound in robust_thresholds(values, whole, k=k, min_spread=floor).items():
-        held = out.get(metric)
-        if held is None:
-            continue
-        centre = float(np.median(values[metric][primary]))
-        if bound.violated(centre):
-            out[metric] = replace(
-                bound,
-                how=(
-                    f"{bound.how} over the whole round: the vouched rows' median "
-                    f"{centre:.4g} is beyond it"
-                ),
-            )
+    ratios = {"norm_ratio": values["norm_ratio"]}
+    bound = robust_thresholds(ratios, whole, k=k, min_spread=floor)["norm_ratio"]
+    centre = float(np.median(ratios["norm_ratio"][primary]))
+    if bound.violated(centre):
+        out["norm_ratio"] = replace(
+            bound,
+            how=f"{bound.how} over the whole round (the vouched rows' median: {centre:.4g})",
+        )
     return out
 
 
@@ -351,11 +346,13 @@ def _population(
 
     The second population is the wider set (the whole round), where honest rows are the
     majority whenever colluders are a minority (MAD's 50% breakdown point). Where the
-    primary population's median of a metric is beyond the whole round's bound, most
-    vouched rows are outliers of the round, and the whole round's bound is used for that
-    metric: boosted colluders who keep a positive reference cosine can be most of the
-    vouched rows even when those are a majority of the round, and would otherwise set the
-    bound on the very norm that betrays them."""
+    primary population's median norm ratio is above the whole round's bound, most vouched
+    rows are boosted outliers of the round, and the whole round's norm-ratio bound is used:
+    boosted colluders who keep a positive reference cosine can be most of the vouched rows
+    even when those are a majority of the round, and would otherwise set the bound on the
+    very norm that betrays them. (Only the norm ratio: for the other metrics, with the few
+    rows left once Sybils are out, the whole round's MAD is often at its floor and its
+    bound would flag honest rows by chance.)"""
     base = np.ones(n, dtype=bool)
     base[elected] = False
     base[list(sybil_rows)] = False
