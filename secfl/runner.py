@@ -39,7 +39,7 @@ from secfl.record.report import write_report
 from secfl.refine.memorisation import MemorisationReport, memorisation_check
 from secfl.refine.run import build_refiner, record_refinement
 from secfl.server.loop import FederatedServer, RoundOutcome
-from secfl.server.optimizers import make_server_optimizer
+from secfl.server.optimizers import ServerOptimizer, make_server_optimizer
 from secfl.server.protection import Protection
 from secfl.transport.base import Transport
 from secfl.transport.dropout import with_simulated_dropouts
@@ -338,20 +338,15 @@ def _run(
             receipts.issue(outcome, server.weights)
             digest = write_checkpoint(
                 folder,
-                Checkpoint(
-                    round=round_index,
-                    config_fingerprint=config.fingerprint(),
-                    arrays={
-                        "global": server.weights,
-                        **{f"opt.{k}": v for k, v in optimizer.state_dict().items()},
-                        **(trust.arrays() if trust is not None else {}),
-                        **(refiner.arrays() if refiner is not None else {}),
-                    },
-                    state={
-                        "history": history,
-                        "privacy": privacy.state(),
-                        **({"trust": trust.state()} if trust is not None else {}),
-                    },
+                round_checkpoint(
+                    config,
+                    round_index,
+                    server.weights,
+                    optimizer,
+                    history,
+                    privacy,
+                    trust,
+                    extra_arrays=refiner.arrays() if refiner is not None else None,
                 ),
             )
             events.emit("checkpoint_written", round=round_index, sha256=digest)
@@ -408,6 +403,35 @@ def _ray_transport(config: RunConfig) -> Transport:
     from secfl.deploy.ray_transport import RayTransport
 
     return RayTransport(config)
+
+
+def round_checkpoint(
+    config: RunConfig,
+    round_index: int,
+    weights: np.ndarray,
+    optimizer: ServerOptimizer,
+    history: list[dict[str, Any]],
+    privacy: PrivacyRecorder,
+    trust: TrustModule | None,
+    *,
+    extra_arrays: dict[str, np.ndarray] | None = None,
+) -> Checkpoint:
+    """The server's state after a completed round (the simulation and ``secfl serve``)."""
+    return Checkpoint(
+        round=round_index,
+        config_fingerprint=config.fingerprint(),
+        arrays={
+            "global": weights,
+            **{f"opt.{k}": v for k, v in optimizer.state_dict().items()},
+            **(trust.arrays() if trust is not None else {}),
+            **(extra_arrays or {}),
+        },
+        state={
+            "history": history,
+            "privacy": privacy.state(),
+            **({"trust": trust.state()} if trust is not None else {}),
+        },
+    )
 
 
 def _attempt_for(round_index: int, events: EventLog, randomness: Randomness) -> int:

@@ -50,7 +50,7 @@ from secfl.privacy.federation import PrivacyRecorder
 from secfl.randomness import Randomness
 from secfl.record import rundir
 from secfl.record.checkpoint import CHECKPOINT_NAME, Checkpoint, read_checkpoint, write_checkpoint
-from secfl.runner import initial_model
+from secfl.runner import initial_model, round_checkpoint
 from secfl.server.loop import FederatedServer, RoundOutcome
 from secfl.server.optimizers import make_server_optimizer
 from secfl.trust.defense import build_trust
@@ -274,19 +274,8 @@ def _serve(
             history.append(row)
             digest = write_checkpoint(
                 folder,
-                Checkpoint(
-                    round=round_index,
-                    config_fingerprint=config.fingerprint(),
-                    arrays={
-                        "global": server.weights,
-                        **{f"opt.{k}": v for k, v in optimizer.state_dict().items()},
-                        **(trust.arrays() if trust is not None else {}),
-                    },
-                    state={
-                        "history": history,
-                        "privacy": privacy.state(),
-                        **({"trust": trust.state()} if trust is not None else {}),
-                    },
+                round_checkpoint(
+                    config, round_index, server.weights, optimizer, history, privacy, trust
                 ),
             )
             events.emit("checkpoint_written", round=round_index, sha256=digest)
