@@ -12,12 +12,33 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from secfl.errors import BenchmarkError
+
+CaseT = TypeVar("CaseT", bound=Hashable)
+
+
+def run_in_processes(
+    run_one: Callable[[CaseT, str], dict[str, Any]],
+    cases: Sequence[CaseT],
+    workdir: Path,
+    workers: int,
+) -> dict[CaseT, dict[str, Any]]:
+    """``run_one(case, workdir)`` for every distinct case, in ``workers`` processes (1: in
+    this one). ``run_one`` must be a module-level function (it is pickled by name)."""
+    unique = list(dict.fromkeys(cases))
+    if workers <= 1 or len(unique) <= 1:
+        return {c: run_one(c, str(workdir)) for c in unique}
+    # spawn: a fresh interpreter per worker (torch and OpenMP state are not fork-safe)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {c: pool.submit(run_one, c, str(workdir)) for c in unique}
+        return {c: future.result() for c, future in futures.items()}
 
 
 @dataclass(frozen=True)
