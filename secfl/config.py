@@ -570,7 +570,7 @@ class TrustSuspicionConfig(StrictModel):
     step: Annotated[float, Field(gt=0, le=1e6)] = 1.0
     forgive: Annotated[float, Field(ge=0, le=1)] = 0.5
     bound: Annotated[float, Field(gt=0, le=1e6)] = 6.0
-    norm_ratio_max: Annotated[float, Field(gt=1, le=1e6)] | None = 3.0
+    norm_ratio_max: Annotated[float, Field(gt=1, le=1e6)] | None = 4.0
 
 
 class TrustConfig(StrictModel):
