@@ -449,6 +449,18 @@ def _attempt_for(round_index: int, events: EventLog, randomness: Randomness) -> 
     return max(attempts) + 1 if attempts else 0
 
 
+def round_row(outcome: RoundOutcome) -> dict[str, Any]:
+    """A metrics row's participation fields (the simulation and ``secfl serve``)."""
+    agg = outcome.aggregate
+    return {
+        "round": outcome.round,
+        "attempt": outcome.attempt,
+        "participants": len(outcome.participants),
+        "survivors": len(agg.survivors) if agg else 0,
+        "dropped": len(agg.dropped) if agg else len(outcome.participants),
+    }
+
+
 def _record_round(
     config: RunConfig,
     outcome: RoundOutcome,
@@ -457,13 +469,7 @@ def _record_round(
     events: EventLog,
 ) -> dict[str, Any]:
     agg = outcome.aggregate
-    row: dict[str, Any] = {
-        "round": outcome.round,
-        "attempt": outcome.attempt,
-        "participants": len(outcome.participants),
-        "survivors": len(agg.survivors) if agg else 0,
-        "dropped": len(agg.dropped) if agg else len(outcome.participants),
-    }
+    row = round_row(outcome)
     if agg is not None and agg.train_loss is not None:
         row["train_loss"] = agg.train_loss
     if outcome.round % config.evaluation.every == 0 or outcome.round == config.rounds:

@@ -38,16 +38,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from secfl.bench.harness import BenchSettings, register_benchmark
+from secfl.bench.harness import BenchSettings, register_benchmark, run_in_processes
 
 _EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NONE_CONFIG = "digits_trust.yaml"
@@ -319,13 +317,7 @@ def run_case(case: Case, workdir: str) -> dict[str, Any]:
 
 def run_cases(cases: Sequence[Case], workdir: Path, workers: int) -> dict[Case, dict[str, Any]]:
     """Every case once (duplicates removed), in ``workers`` processes (1: in this one)."""
-    unique = list(dict.fromkeys(cases))
-    if workers <= 1 or len(unique) <= 1:
-        return {c: run_case(c, str(workdir)) for c in unique}
-    # spawn: a fresh interpreter per worker (torch and OpenMP state are not fork-safe)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {c: pool.submit(run_case, c, str(workdir)) for c in unique}
-        return {c: future.result() for c, future in futures.items()}
+    return run_in_processes(run_case, cases, workdir, workers)
 
 
 # ---------------------------------------------------------------------------- the matrix

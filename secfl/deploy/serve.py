@@ -50,7 +50,7 @@ from secfl.privacy.federation import PrivacyRecorder
 from secfl.randomness import Randomness
 from secfl.record import rundir
 from secfl.record.checkpoint import CHECKPOINT_NAME, Checkpoint, read_checkpoint, write_checkpoint
-from secfl.runner import initial_model, round_checkpoint
+from secfl.runner import initial_model, round_checkpoint, round_row
 from secfl.server.loop import FederatedServer, RoundOutcome
 from secfl.server.optimizers import make_server_optimizer
 from secfl.trust.defense import build_trust
@@ -377,13 +377,7 @@ def _record(
     events: ThreadSafeEventLog,
 ) -> dict[str, Any]:
     agg = outcome.aggregate
-    row: dict[str, Any] = {
-        "round": outcome.round,
-        "attempt": outcome.attempt,
-        "participants": len(outcome.participants),
-        "survivors": len(agg.survivors) if agg else 0,
-        "dropped": len(agg.dropped) if agg else len(outcome.participants),
-    }
+    row = round_row(outcome)
     load_parameters(model, weights)
     correct, loss = evaluate(model, test, batch_size=config.evaluation.batch_size)
     row.update({"accuracy": float(correct.mean()), "loss": float(loss)})
