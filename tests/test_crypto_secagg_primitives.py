@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from secfl.crypto import aead, shamir
 from secfl.crypto.hkdf import derive_key, encode_info, hkdf_sha256
 from secfl.crypto.kex import KeyPair, public_from_private, x25519_agree
-from secfl.crypto.prg import MaskEngine, ctr_encryptor, expand_into, keystream, reduce_mod
+from secfl.crypto.prg import (
+    MaskEngine,
+    _Spans,
+    ctr_encryptor,
+    expand_into,
+    keystream,
+    reduce_mod,
+)
 from secfl.errors import AuthenticationError, ConfigError, ProtocolError
 from secfl.randomness import Randomness
 
@@ -82,6 +89,63 @@ def test_mask_engine_matches_reference(
         out, add_arrays=terms, add_seeds=seeds[:plus], sub_seeds=seeds[plus:]
     )
     assert np.array_equal(out, expected)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    chunks=st.integers(1, 40),
+    workers=st.integers(1, 4),
+    order=st.lists(st.integers(0, 3), min_size=1, max_size=200),
+)
+def test_spans_hand_out_every_chunk_exactly_once(
+    chunks: int, workers: int, order: list[int]
+) -> None:
+    # Any interleaving of claims (workers that start late, or never) covers every chunk once.
+    spans = _Spans(chunks, workers)
+    seen: list[int] = []
+    done: set[int] = set()
+    for w in (o % workers for o in order):
+        if w in done:
+            continue
+        index = spans.claim(w)
+        if index is None:
+            done.add(w)
+        else:
+            seen.append(index)
+    while (index := spans.claim(0)) is not None:
+        seen.append(index)
+    assert sorted(seen) == list(range(chunks))
+
+
+def test_spans_take_an_unstarted_span_whole_and_halve_a_running_one() -> None:
+    spans = _Spans(8, 2)
+    assert spans.enter(0)
+    assert [spans.claim(0) for _ in range(4)] == [0, 1, 2, 3]
+    assert spans.claim(0) == 4  # worker 1 never started: its whole span moves to worker 0
+    assert spans.spans[1] == [4, 4]
+    spans = _Spans(8, 2)
+    assert spans.enter(0) and spans.enter(1)
+    assert spans.claim(1) == 4
+    assert [spans.claim(0) for _ in range(4)] == [0, 1, 2, 3]
+    assert spans.claim(0) == 6  # worker 1 holds 5..7: worker 0 steals the upper half
+    assert spans.claim(1) == 5
+    assert spans.claim(0) == 7
+    assert spans.claim(0) is None and spans.claim(1) is None
+
+
+def test_mask_engine_error_in_a_fill_reaches_the_caller() -> None:
+    def fill(lo: int):  # type: ignore[no-untyped-def]
+        def run(c0: int, c1: int, out: np.ndarray, /) -> None:
+            if c0 >= 256:
+                raise ValueError("bad chunk")
+            out.fill(0)
+
+        return run
+
+    out = np.zeros(1024, dtype=np.uint32)
+    for threads in (1, 2, 3):
+        with pytest.raises(ValueError, match="bad chunk"):
+            MaskEngine(threads=threads, chunk_words=64).accumulate(out, fill=fill)
 
 
 def test_reduce_mod() -> None:

@@ -12,13 +12,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from secfl.config import MaskingConfig
+from secfl.crypto.prg import MaskEngine
 from secfl.crypto.sign import SigningKey
 from secfl.errors import SecAggAbort, SecflError
 from secfl.messages import ClientFailure
 from secfl.randomness import Randomness
 from secfl.secagg import SecAggClient, SecAggServer, ShareReleaseLog
 from secfl.secagg import messages as m
-from secfl.secagg.encoding import client_weight, encode_reference
+from secfl.secagg.encoding import client_weight, encode_reference, encoding_fill
 from secfl.secagg.identity import IdentityRegistry
 from secfl.secagg.params import derive_params
 from secfl.wire import WireMessage, decode_message
@@ -315,3 +316,29 @@ def test_os_mode_round_works_and_masks_differ_between_attempts() -> None:
     assert first.result is not None and second.result is not None
     # Same inputs: the averages agree to the quantisation bound, the masked vectors differ.
     assert np.abs(first.result.mean_update - second.result.mean_update).max() < 1e-3
+
+
+@pytest.mark.parametrize("bits", [32, 48])
+def test_encoding_fill_matches_reference_in_any_chunk_order(bits: int) -> None:
+    # A worker that steals a chunk re-seeks the rounding stream: the result is the same.
+    masking = MaskingConfig(bits=bits, max_weight=64)
+    params = derive_params(masking, n=10, min_cohort=3)
+    d, chunk = 1000, 64
+    stream = Randomness("seeded", 5).stream("test.encode")
+    update = (stream.normal(d) * 3).astype(np.float32)
+    update[:7] = [9.0, -9.0, 8.0, -8.0, 0.0, 1e-30, -1e-30]
+    seed = stream.bytes(32)
+    expected = encode_reference(params, update, 37, seed)
+    factory = encoding_fill(params, update, 37, seed, chunk)
+    starts = list(range(0, d + 1, chunk))
+    for order in (starts, starts[::-1], starts[1::2] + starts[::2]):
+        out = np.zeros(d + 1, dtype=params.word_dtype)
+        fill = factory(order[0])
+        for c0 in order:
+            c1 = min(d + 1, c0 + chunk)
+            fill(c0, c1, out[c0:c1])
+        assert np.array_equal(out, expected)
+    for threads in (1, 2, 3):
+        out = np.zeros(d + 1, dtype=params.word_dtype)
+        MaskEngine(threads=threads, chunk_words=chunk).accumulate(out, fill=factory)
+        assert np.array_equal(out, expected)

@@ -105,12 +105,16 @@ def _zeros(nbytes: int) -> memoryview:
 
 
 class ChunkFill(Protocol):
-    """Writes the initial contents of ``out`` = words ``[lo, hi)`` of the result."""
+    """Writes the initial contents of ``out`` = words ``[lo, hi)`` of the result.
+
+    Chunks come in ascending order while a worker walks its own span, but a worker that
+    steals work jumps: a filler must handle any block-aligned ``lo`` (re-seek its streams
+    when ``lo`` is not where the previous chunk ended)."""
 
     def __call__(self, lo: int, hi: int, out: np.ndarray, /) -> None: ...
 
 
-#: Called once per thread range with the range's first word; returns that range's filler.
+#: Called once per worker with the worker's first word; returns that worker's filler.
 FillFactory = Callable[[int], ChunkFill]
 
 
@@ -135,6 +139,69 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
+class _Spans:
+    """Chunk indices ``[0, chunks)`` split into one contiguous span per worker, with stealing.
+
+    A worker claims the next chunk of its own span (so its AES-CTR contexts simply run on);
+    when its span is empty it steals the upper half of the largest remaining span (the whole
+    span of a worker that has not started yet), which costs it one re-seek of its streams.
+    A worker that starts after the job is closed does nothing, so the caller never waits for
+    a helper thread the scheduler has not run yet (on a loaded machine that can take
+    milliseconds); it waits only for helpers that hold a claimed chunk.
+    """
+
+    def __init__(self, chunks: int, workers: int) -> None:
+        per = -(-chunks // workers)
+        self.spans = [[min(chunks, w * per), min(chunks, (w + 1) * per)] for w in range(workers)]
+        self.started = [False] * workers
+        self.active = 0
+        self.closed = False
+        self.error: BaseException | None = None
+        self.cond = threading.Condition(threading.Lock())
+
+    def enter(self, w: int) -> bool:
+        with self.cond:
+            if self.closed:
+                return False
+            self.started[w] = True
+            self.active += 1
+            return True
+
+    def leave(self, error: BaseException | None = None) -> None:
+        with self.cond:
+            self.active -= 1
+            if error is not None and self.error is None:
+                self.error = error
+            self.cond.notify_all()
+
+    def claim(self, w: int) -> int | None:
+        with self.cond:
+            if self.error is not None:
+                return None
+            span = self.spans[w]
+            if span[0] < span[1]:
+                span[0] += 1
+                return span[0] - 1
+            victim, left = -1, 0
+            for v, (a, b) in enumerate(self.spans):
+                if b - a > left:
+                    victim, left = v, b - a
+            if victim < 0:
+                return None
+            vspan = self.spans[victim]
+            # an unstarted worker loses its whole span, a running one the upper half
+            cut = vspan[1] - (left + 1) // 2 if self.started[victim] else vspan[0]
+            span[0], span[1] = cut + 1, vspan[1]
+            vspan[1] = cut
+            return cut
+
+    def close_and_wait(self) -> None:
+        with self.cond:
+            self.closed = True
+            while self.active:
+                self.cond.wait()
+
+
 class MaskEngine:
     """Folds arrays and PRG masks into one preallocated vector, on several cores.
 
@@ -142,6 +209,11 @@ class MaskEngine:
     ``out = fill + sum(add_arrays) - sum(sub_arrays) + sum(PRG(add_seeds)) -
     sum(PRG(sub_seeds))`` modulo 2^(8*itemsize) (``out``'s previous contents are replaced;
     without ``fill`` they are the starting value). The caller reduces modulo 2^b.
+
+    The calling thread works too, beside ``threads - 1`` pool helpers; the vector is cut into
+    cache-sized chunks handed out by :class:`_Spans` (own span first, then stealing), so on a
+    machine whose other core is busy the call degrades to one thread's speed instead of
+    waiting for a helper that is not scheduled.
     """
 
     def __init__(self, *, threads: int | None = None, chunk_words: int = DEFAULT_CHUNK_WORDS):
@@ -152,15 +224,6 @@ class MaskEngine:
             raise ConfigError(f"chunk_words must be a multiple of 4 and >= 64, got {chunk_words}")
         self.threads = threads
         self.chunk_words = chunk_words
-
-    def ranges(self, size: int, itemsize: int) -> list[tuple[int, int]]:
-        """Block-aligned word ranges, two per thread (fewer for small vectors): when another
-        process takes a core for a while, the idle worker picks up the remaining range."""
-        align = 4  # words: a 16-byte block for u32, and 4-byte rounding words stay aligned
-        tasks = 1 if self.threads == 1 else 2 * self.threads
-        per = -(-size // tasks)
-        per = max(-(-per // align) * align, align)
-        return [(lo, min(size, lo + per)) for lo in range(0, size, per)]
 
     def accumulate(
         self,
@@ -183,43 +246,80 @@ class MaskEngine:
                 )
         for seed in (*add_seeds, *sub_seeds):
             _check_seed(seed)
-        ranges = self.ranges(out.size, word.itemsize)
-
-        def work(bounds: tuple[int, int]) -> None:
-            self._work(out, word, bounds, add_arrays, sub_arrays, add_seeds, sub_seeds, fill)
-
-        if len(ranges) == 1:
-            work(ranges[0])
-        else:
-            for future in [_pool(self.threads).submit(work, r) for r in ranges]:
-                future.result()
+        chunk = self.chunk_words  # a multiple of 4 words: chunk starts stay block aligned
+        chunks = -(-out.size // chunk)
+        workers = max(1, min(self.threads, chunks))
+        spans = _Spans(chunks, workers)
+        args = (out, word, spans, add_arrays, sub_arrays, add_seeds, sub_seeds, fill)
+        for w in range(1, workers):
+            _pool(self.threads - 1).submit(self._work, w, *args)
+        error: BaseException | None = None
+        try:
+            self._work(0, *args)
+        except BaseException as exc:  # re-raised below, after the helpers
+            error = exc
+        spans.close_and_wait()
+        error = error or spans.error
+        if error is not None:
+            raise error
         return out
 
     def _work(
         self,
+        w: int,
         out: np.ndarray,
         word: np.dtype[Any],
-        bounds: tuple[int, int],
+        spans: _Spans,
         add_arrays: Sequence[np.ndarray],
         sub_arrays: Sequence[np.ndarray],
         add_seeds: Sequence[bytes],
         sub_seeds: Sequence[bytes],
         fill: FillFactory | None,
     ) -> None:
-        lo, hi = bounds
-        start_block = lo * word.itemsize // BLOCK_BYTES
-        plus = [ctr_encryptor(s, start_block) for s in add_seeds]
-        minus = [ctr_encryptor(s, start_block) for s in sub_seeds]
-        chunk = min(self.chunk_words, hi - lo)
-        scratch = np.empty(chunk, dtype=word)
+        if not spans.enter(w):
+            return
+        error: BaseException | None = None
+        try:
+            self._walk(w, out, word, spans, add_arrays, sub_arrays, add_seeds, sub_seeds, fill)
+        except BaseException as exc:  # handed to the caller by _Spans
+            error = exc
+        spans.leave(error)
+        if w == 0 and error is not None:
+            raise error
+
+    def _walk(
+        self,
+        w: int,
+        out: np.ndarray,
+        word: np.dtype[Any],
+        spans: _Spans,
+        add_arrays: Sequence[np.ndarray],
+        sub_arrays: Sequence[np.ndarray],
+        add_seeds: Sequence[bytes],
+        sub_seeds: Sequence[bytes],
+        fill: FillFactory | None,
+    ) -> None:
+        size, chunk, itemsize = out.size, self.chunk_words, word.itemsize
+        index = spans.claim(w)
+        if index is None:
+            return
+        scratch = np.empty(min(chunk, size), dtype=word)
         scratch_bytes = scratch.data.cast("B")
-        zeros = _zeros(chunk * word.itemsize)
-        filler = fill(lo) if fill is not None else None
+        zeros = _zeros(scratch.nbytes)
+        filler = fill(index * chunk) if fill is not None else None
         add, sub = np.add, np.subtract
-        for c0 in range(lo, hi, chunk):
-            c1 = min(hi, c0 + chunk)
+        plus: list[CipherContext] = []
+        minus: list[CipherContext] = []
+        position = -1  # the chunk the streams are positioned at
+        while index is not None:
+            if index != position:  # first chunk, or a stolen one: (re)position the streams
+                block = index * chunk * itemsize // BLOCK_BYTES
+                plus = [ctr_encryptor(s, block) for s in add_seeds]
+                minus = [ctr_encryptor(s, block) for s in sub_seeds]
+            c0 = index * chunk
+            c1 = min(size, c0 + chunk)
             n = c1 - c0
-            nbytes = n * word.itemsize
+            nbytes = n * itemsize
             acc = out[c0:c1]
             if filler is not None:
                 filler(c0, c1, acc)
@@ -236,6 +336,8 @@ class MaskEngine:
             for encryptor in minus:
                 encryptor.update_into(z, sb)
                 sub(acc, s, out=acc)
+            position = index + 1
+            index = spans.claim(w)
 
 
 def reduce_mod(out: np.ndarray, bits: int) -> np.ndarray:

@@ -73,6 +73,7 @@ def encoding_fill(
         if (4 * lo) % 16:
             raise UpdateError(f"encoding range start {lo} is not block aligned")
         stream = ctr_encryptor(rounding_seed, (4 * lo) // 16)
+        position = [lo]  # the word the rounding stream is positioned at
         words = np.empty(chunk, dtype="<i4")
         words_bytes = words.data.cast("B")
         real = np.empty(chunk, dtype=np.float64)
@@ -87,7 +88,13 @@ def encoding_fill(
         )
 
         def fill(c0: int, c1: int, out: np.ndarray, /) -> None:
+            nonlocal stream
             n = c1 - c0
+            if c0 != position[0]:  # a stolen chunk: re-seek the rounding stream
+                if (4 * c0) % 16:
+                    raise UpdateError(f"encoding chunk start {c0} is not block aligned")
+                stream = ctr_encryptor(rounding_seed, (4 * c0) // 16)
+            position[0] = c1
             stream.update_into(zeros[: 4 * n], words_bytes[: 4 * n])
             m = max(0, min(c1, d) - c0)
             if m:
