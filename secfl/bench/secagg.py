@@ -81,6 +81,12 @@ def _plaintext_sum_seconds(arrays: list[np.ndarray], repeats: int) -> dict[str, 
     }
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 def _raw_expansion_seconds(seed: bytes, buffer: np.ndarray, count: int) -> float:
     """One raw AES-CTR expansion (one thread, preallocated buffer), as the mean of a burst of
     ``count`` back-to-back expansions: on a loaded machine a single sub-millisecond call
@@ -472,6 +478,13 @@ def bench_secagg(settings: BenchSettings) -> dict[str, Any]:
         "shamir_single_reconstruct_ms": ours_shamir["reconstruct_single_ms"],
         "shamir_batched_reconstruct_ms": ours_shamir["reconstruct_batched_ms"],
         "threads": threads,
+        "threads_by_measurement": {
+            "prg_baseline": 1,
+            "client_masked_input": engine.threads,
+            "server": engine.threads,
+            "plaintext_sum_torch": _torch_threads(),
+            "plaintext_sum_numpy": 1,
+        },
         "sizes": {"n": n, "d": d, "k": k, "bits": bits, "dropped": drop, "clip": _CLIP},
         "method": "ratios are medians of per-repeat pairs (baseline timed right before the "
         "measured operation), so load that drifts between them cancels; the flat ms figures are "
