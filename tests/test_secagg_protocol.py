@@ -318,12 +318,13 @@ def test_os_mode_round_works_and_masks_differ_between_attempts() -> None:
     assert np.abs(first.result.mean_update - second.result.mean_update).max() < 1e-3
 
 
-@pytest.mark.parametrize("bits", [32, 48])
-def test_encoding_fill_matches_reference_in_any_chunk_order(bits: int) -> None:
-    # A worker that steals a chunk re-seeks the rounding stream: the result is the same.
+@pytest.mark.parametrize(("bits", "chunk"), [(32, 64), (48, 64), (32, 68), (48, 100)])
+def test_encoding_fill_matches_reference_in_any_chunk_order(bits: int, chunk: int) -> None:
+    # A worker that steals a chunk re-seeks the rounding stream (mid-block when the chunk
+    # start is not a multiple of 8 jitter words): the result is the same.
     masking = MaskingConfig(bits=bits, max_weight=64)
     params = derive_params(masking, n=10, min_cohort=3)
-    d, chunk = 1000, 64
+    d = 1000
     stream = Randomness("seeded", 5).stream("test.encode")
     update = (stream.normal(d) * 3).astype(np.float32)
     update[:7] = [9.0, -9.0, 8.0, -8.0, 0.0, 1e-30, -1e-30]
@@ -342,3 +343,21 @@ def test_encoding_fill_matches_reference_in_any_chunk_order(bits: int) -> None:
         out = np.zeros(d + 1, dtype=params.word_dtype)
         MaskEngine(threads=threads, chunk_words=chunk).accumulate(out, fill=factory)
         assert np.array_equal(out, expected)
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    # 16-bit jitter: the mean of q over many coordinates is t (the grid bias is < 2^-16).
+    params = derive_params(MaskingConfig(bits=32, max_weight=1), n=10, min_cohort=3)
+    d = 200_000
+    for frac in (0.3, 0.5, 0.9):
+        t = 5.0 + frac
+        update = np.full(d, t / params.unit, dtype=np.float32)
+        exact = float(np.float64(update[0]) * params.unit)
+        out = np.zeros(d + 1, dtype=np.uint32)
+        seed = Randomness("seeded", int(frac * 10)).stream("test.round").bytes(32)
+        MaskEngine(threads=2, chunk_words=4096).accumulate(
+            out, fill=encoding_fill(params, update, 1, seed, 4096)
+        )
+        q = out[:d].view(np.int32)
+        assert set(np.unique(q).tolist()) <= {5, 6}
+        assert abs(q.mean() - exact) < 5 * 0.5 / np.sqrt(d)

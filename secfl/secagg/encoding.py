@@ -2,23 +2,26 @@
 
 Client u with update x and sample count m encodes, per coordinate i (float64 arithmetic),
 
-    q_i = round_half_even( clip(x_i, -C, C) * w * 2^(r-1)/C  +  J_i * 2^-32 )   (mod 2^b)
+    q_i = round_half_even( clip(x_i, -C, C) * w * 2^(r-1)/C  +  J_i * 2^-16 )   (mod 2^b)
 
-with w = min(m, w_max) and J_i the i-th little-endian *signed* 32-bit word of the AES-CTR
-stream under the client's rounding seed, so J_i * 2^-32 is uniform on [-1/2, 1/2): this is
-stochastic rounding, unbiased up to the float64 rounding of the sum (below 2^-22 of a
-quantum, since |value| <= 2^30). Coordinate d holds w itself. As w * 2^(r-1) = L is even,
-|q_i| <= L, so the sum over n clients is bounded by n * w_max * 2^(r-1), which
-``params.derive_params`` makes fit in the signed range of b bits. The server learns
-sum_u q_u and sum_u w_u only, never a single w_u, and decodes the weighted mean
-sum_u w_u x_u / sum_u w_u with an error below |survivors| quanta (C / 2^(r-1) each) per
+with w = min(m, w_max) and J_i the i-th little-endian *signed* 16-bit word of the AES-CTR
+stream under the client's rounding seed, so J_i * 2^-16 is uniform on the grid of step
+2^-16 in [-1/2, 1/2): this is stochastic rounding, unbiased up to the grid (below 2^-16 of a
+quantum) and the float64 rounding of the sum (below 2^-22 of a quantum, since
+|value| <= 2^30). Sixteen bits of jitter take half the AES-CTR keystream of 32 (the rounding
+stream is 1/(k+2) of a client's AES work) at a bias far below the rounding noise itself
+(a standard deviation of up to 1/2 quantum per coordinate). Coordinate d holds w itself. As
+w * 2^(r-1) = L is even, |q_i| <= L, so the sum over n clients is bounded by
+n * w_max * 2^(r-1), which ``params.derive_params`` makes fit in the signed range of b bits.
+The server learns sum_u q_u and sum_u w_u only, never a single w_u, and decodes the weighted
+mean sum_u w_u x_u / sum_u w_u with an error below |survivors| quanta (C / 2^(r-1) each) per
 coordinate over the total weight.
 
 Fast path: round_half_even(t) for |t| < 2^51 is read from the low mantissa bits of
-t + 1.5 * 2^52 (the "magic number" conversion). It works on everything scaled by 2^32,
+t + 1.5 * 2^52 (the "magic number" conversion). It works on everything scaled by 2^16,
 which is exact in float64 (a power-of-two scale commutes with rounding away from subnormals
-and overflow, and here |2^32 t| < 2^83): fl(fl(c * w * unit * 2^32) + J) = 2^32 * fl(c * w *
-unit + J * 2^-32), and adding 1.5 * 2^84 rounds that to a multiple of 2^32 half-to-even, so
+and overflow, and here |2^16 t| < 2^67): fl(fl(c * w * unit * 2^16) + J) = 2^16 * fl(c * w *
+unit + J * 2^-16), and adding 1.5 * 2^68 rounds that to a multiple of 2^16 half-to-even, so
 the low 32 mantissa bits hold q mod 2^32 exactly as before. That lets the signed jitter word
 be added as is (no separate jitter array). Per cache-resident chunk: clip into float64,
 multiply, add the jitter words, add the magic number, and one cast to the output
@@ -28,16 +31,19 @@ words; ``encode_reference`` computes the same numbers with ``np.rint``.
 from __future__ import annotations
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import CipherContext
 
-from secfl.crypto.prg import ChunkFill, FillFactory, ctr_encryptor
+from secfl.crypto.prg import BLOCK_BYTES, ChunkFill, FillFactory, ctr_encryptor
 from secfl.errors import UpdateError
 from secfl.secagg.params import SecAggParams
 
-#: Rounding jitter: a signed 32-bit word times 2^-32 is uniform on [-1/2, 1/2).
-_JITTER_SCALE = 2.0**-32
-#: 1.5 * 2^84: adding it to |2^32 t| < 2^83 leaves round-half-even(t) in the low mantissa
-#: bits (the usual 1.5 * 2^52 conversion, scaled by 2^32; see the module docstring).
-_MAGIC = 1.5 * 2.0**84
+#: Rounding jitter: a signed 16-bit word times 2^-16 is uniform on a 2^-16 grid in [-1/2, 1/2).
+_JITTER_BYTES = 2
+_JITTER_DTYPE = "<i2"
+_JITTER_SCALE = 2.0**-16
+#: 1.5 * 2^68: adding it to |2^16 t| < 2^67 leaves round-half-even(t) in the low mantissa
+#: bits (the usual 1.5 * 2^52 conversion, scaled by 2^16; see the module docstring).
+_MAGIC = 1.5 * 2.0**68
 _MAGIC_BITS = np.array(_MAGIC).view(np.int64)[()]
 
 
@@ -55,26 +61,33 @@ def encoding_fill(
 ) -> FillFactory:
     """A :class:`~secfl.crypto.prg.MaskEngine` fill that writes the encoded update.
 
-    Coordinate i uses rounding word i of the AES-CTR stream under ``rounding_seed`` (4 bytes
-    per coordinate), so the result does not depend on how the vector is cut into ranges.
+    Coordinate i uses rounding word i of the AES-CTR stream under ``rounding_seed`` (2 bytes
+    per coordinate), so the result does not depend on how the vector is cut into chunks or
+    in which order a worker visits them.
     Six float64 passes per cache-resident chunk; no integer temporaries (see module doc).
     """
     x = np.ascontiguousarray(update, dtype=np.float32)
     d = x.size
     if not 1 <= weight <= params.weight_bound:
         raise UpdateError(f"weight must be in [1, {params.weight_bound}], got {weight}")
-    # scaled by 2^32 so the jitter word is added unscaled (exact; see the module docstring)
-    scale = float(weight) * params.unit * 2.0**32
+    # scaled by 2^16 so the jitter word is added unscaled (exact; see the module docstring)
+    scale = float(weight) * params.unit * 2.0**16
     clip = float(params.clip_range)
-    zeros = bytes(4 * chunk)
+    zeros = bytes(_JITTER_BYTES * chunk)
     wide = params.word_dtype == np.uint64
 
+    def seek(word: int) -> CipherContext:
+        """The rounding stream positioned at jitter word ``word``."""
+        start, skip = divmod(_JITTER_BYTES * word, BLOCK_BYTES)
+        stream = ctr_encryptor(rounding_seed, start)
+        if skip:
+            stream.update(bytes(skip))
+        return stream
+
     def factory(lo: int) -> ChunkFill:
-        if (4 * lo) % 16:
-            raise UpdateError(f"encoding range start {lo} is not block aligned")
-        stream = ctr_encryptor(rounding_seed, (4 * lo) // 16)
+        stream = seek(lo)
         position = [lo]  # the word the rounding stream is positioned at
-        words = np.empty(chunk, dtype="<i4")
+        words = np.empty(chunk, dtype=_JITTER_DTYPE)
         words_bytes = words.data.cast("B")
         real = np.empty(chunk, dtype=np.float64)
         bits = real.view(np.int64)
@@ -91,11 +104,10 @@ def encoding_fill(
             nonlocal stream
             n = c1 - c0
             if c0 != position[0]:  # a stolen chunk: re-seek the rounding stream
-                if (4 * c0) % 16:
-                    raise UpdateError(f"encoding chunk start {c0} is not block aligned")
-                stream = ctr_encryptor(rounding_seed, (4 * c0) // 16)
+                stream = seek(c0)
             position[0] = c1
-            stream.update_into(zeros[: 4 * n], words_bytes[: 4 * n])
+            nbytes = _JITTER_BYTES * n
+            stream.update_into(zeros[:nbytes], words_bytes[:nbytes])
             m = max(0, min(c1, d) - c0)
             if m:
                 values = x[c0 : c0 + m]
@@ -129,7 +141,7 @@ def encode_reference(
 
     x = np.asarray(update, dtype=np.float32).astype(np.float64)
     d = x.size
-    words = np.frombuffer(keystream(rounding_seed, 4 * (d + 1)), dtype="<i4")[:d]
+    words = np.frombuffer(keystream(rounding_seed, _JITTER_BYTES * d), dtype=_JITTER_DTYPE)
     t = np.clip(x, -params.clip_range, params.clip_range) * (float(weight) * params.unit)
     t = t + words.astype(np.float64) * _JITTER_SCALE
     q = np.rint(t).astype(np.int64)  # round half to even, as the magic-number addition
