@@ -68,9 +68,18 @@ def test_expand_into_at_offset_matches_the_stream_slice() -> None:
     arrays=st.integers(0, 2),
     wide=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
+    with_fill=st.booleans(),
 )
 def test_mask_engine_matches_reference(
-    size: int, threads: int, chunk: int, plus: int, minus: int, arrays: int, wide: bool, seed: int
+    size: int,
+    threads: int,
+    chunk: int,
+    plus: int,
+    minus: int,
+    arrays: int,
+    wide: bool,
+    seed: int,
+    with_fill: bool,
 ) -> None:
     dtype = np.uint64 if wide else np.uint32
     word = "<u8" if wide else "<u4"
@@ -84,9 +93,24 @@ def test_mask_engine_matches_reference(
     for t in terms:
         expected = expected + t
     out = np.full(size, 7, dtype=dtype)
-    out[:] = 0
+    if with_fill:  # the fill sees every word once, in chunks of at most chunk words
+
+        def fill(lo: int):  # type: ignore[no-untyped-def]
+            def run(c0: int, c1: int, acc: np.ndarray, /) -> None:
+                assert 0 < c1 - c0 <= chunk and acc.size == c1 - c0
+                acc[:] = np.arange(c0, c1, dtype=dtype) * dtype(3)
+
+            return run
+
+        expected = expected + np.arange(size, dtype=dtype) * dtype(3)
+    else:
+        out[:] = 0
     MaskEngine(threads=threads, chunk_words=chunk).accumulate(
-        out, add_arrays=terms, add_seeds=seeds[:plus], sub_seeds=seeds[plus:]
+        out,
+        add_arrays=terms,
+        add_seeds=seeds[:plus],
+        sub_seeds=seeds[plus:],
+        fill=fill if with_fill else None,
     )
     assert np.array_equal(out, expected)
 
