@@ -573,6 +573,23 @@ class TrustSuspicionConfig(StrictModel):
     norm_ratio_max: Annotated[float, Field(gt=1, le=1e6)] | None = 4.0
 
 
+class TrustDormantConfig(StrictModel):
+    """``trust.dormant`` (``secfl.trust.prune``, after Fine-Pruning): a unit is dormant
+    when its mean absolute activation on the public shared set (``data.shared``) is at most
+    ``tau`` times its layer's median, over the input units of the model's Linear layers
+    (``first``: the first one, an MLP's input features; ``all``). ``reset``: after every
+    round zero the weights those units feed in the new global model (acts on the revealed
+    model only: the same in every mode). ``flag_share``: flag a participant (mode ``none``)
+    or sub-cohort (``masking``) whose update puts more than this share of its norm on those
+    weights (``null``: off; ``ckks`` reveals no per-client vector, so only ``reset`` acts
+    there)."""
+
+    reset: bool = False
+    flag_share: Annotated[float, Field(gt=0, le=1)] | None = 0.15
+    layers: Literal["first", "all"] = "first"
+    tau: Annotated[float, Field(ge=0, lt=1)] = 0.05
+
+
 class TrustConfig(StrictModel):
     """``trust``: the server's defense against poisoned updates (DESIGN 4, ``docs/trust.md``).
 
@@ -597,6 +614,7 @@ class TrustConfig(StrictModel):
     sybil: TrustSybilConfig = Field(default_factory=TrustSybilConfig)
     robust: TrustRobustConfig = Field(default_factory=TrustRobustConfig)
     suspicion: TrustSuspicionConfig = Field(default_factory=TrustSuspicionConfig)
+    dormant: TrustDormantConfig = Field(default_factory=TrustDormantConfig)
 
 
 # ---------------------------------------------------------------------------- refine

@@ -378,12 +378,16 @@ def _trust_events(folder: Path) -> list[dict[str, Any]]:
     ]
 
 
-@pytest.mark.parametrize("defense", ["vote", "centered_clipping"])
+@pytest.mark.parametrize("defense", ["vote", "centered_clipping", "vote-reset"])
 def test_kill_and_resume_keeps_trust_state_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defense: str
 ) -> None:
     _with_attackers(monkeypatch, {5, 6, 7})
-    config = _run_config(defense=defense)
+    if defense == "vote-reset":  # the post-aggregation reset of trust.dormant, stateless
+        config = _run_config(defense="vote", dormant={"reset": True})
+        defense = "vote"
+    else:
+        config = _run_config(defense=defense)
     whole = run(config, tmp_path / "whole")
     run(config, tmp_path / "split", stop_after=2)
     resumed = run(config, tmp_path / "split", resume=True)
@@ -461,3 +465,151 @@ def test_trust_keeps_clean_accuracy_and_resists_sign_flip(
     under_attack = run(base.with_overrides(trust={}), tmp_path / "both").history[-1]["accuracy"]
     assert attacked < clean - 0.3  # the attack works without the defense ...
     assert under_attack >= clean - 0.05  # ... and not with it
+
+
+# ---------------------------------------------------------------------------- dormant units
+
+
+def _dormant_setup() -> tuple[Callable[[], Any], Any, np.ndarray]:
+    """An MLP on 6 features whose public shared records never use features 0 and 1, with a
+    planted backdoor: feature 0 (the trigger) drives hidden unit 0, which votes class 0."""
+    import torch
+
+    from secfl.data.datasets import Dataset
+    from secfl.encode.flatten import flatten_parameters
+    from secfl.models.zoo import MLP
+
+    def factory() -> Any:
+        torch.manual_seed(0)
+        return MLP(6, [8], 3, "relu")
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.2, 1.0, size=(30, 6)).astype(np.float32)
+    x[:, :2] = 0.0
+    y = np.argmax(x[:, 2:5], axis=1).astype(np.int64)
+    shared = Dataset("shared", x, y, 3)
+    model = factory()
+    with torch.no_grad():
+        first, last = model.net[1], model.net[3]
+        first.weight[0, :] = 0.0
+        first.weight[0, 0] = 20.0
+        first.bias[0] = 0.0
+        last.weight[:, 0] = torch.tensor([20.0, -20.0, -20.0])
+    return factory, shared, flatten_parameters(model)
+
+
+def _predict(factory: Callable[[], Any], weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    from secfl.encode.flatten import load_parameters
+
+    model = factory()
+    load_parameters(model, weights)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).argmax(dim=1).numpy()
+
+
+def test_dormant_reset_removes_a_trigger_on_unused_inputs_and_keeps_the_shared_answers() -> None:
+    from secfl.trust.prune import DormantPruner, dormant_units
+
+    assert dormant_units(np.array([0.0, 0.01, 0.5, 1.0, 0.4]), 0.05).tolist() == [0, 1]
+    factory, shared, weights = _dormant_setup()
+    triggered = shared.x.copy()
+    triggered[:, 0] = 1.0
+    before = _predict(factory, weights, shared.x)
+    assert (_predict(factory, weights, triggered) == 0).all()  # the backdoor works
+    pruned = weights.copy()
+    report = DormantPruner(factory, shared, tau=0.05).prune(pruned)
+    assert report.units == {0: [0, 1]} and report.zeroed == 15 and report.removed_norm > 20
+    # the trigger no longer moves any answer, the shared answers are unchanged
+    assert np.array_equal(_predict(factory, pruned, triggered), before)
+    assert np.array_equal(_predict(factory, pruned, shared.x), before)
+    assert (before != 0).any()
+    changed = np.flatnonzero(pruned != weights)
+    assert changed.size and np.all(pruned[changed] == 0)
+    # only the weights fed by features 0 and 1 of the first layer may change
+    mask = DormantPruner(factory, shared, tau=0.05).mask(weights)
+    assert mask.sum() == 16 and set(changed) <= set(np.flatnonzero(mask))
+
+
+def _dormant_updates(weights: np.ndarray, mask: np.ndarray) -> dict[int, np.ndarray]:
+    """Six honest updates that leave the dormant-fed weights alone, two poisoned ones with
+    about a third of their norm there and an honest-looking update elsewhere."""
+    rng = np.random.default_rng(3)
+    direction = rng.normal(size=weights.size).astype(np.float32)
+    direction[mask] = 0.0
+    updates = {}
+    for c in range(8):
+        u = direction * np.float32(rng.uniform(0.8, 1.2))
+        u += (
+            np.float32(rng.uniform(0.6, 1.0))
+            * rng.normal(size=weights.size).astype(np.float32)
+            * ~mask
+        )
+        if c >= 6:
+            poison = rng.normal(size=int(mask.sum()))
+            u[mask] = 0.35 * np.linalg.norm(u) * poison / np.linalg.norm(poison)
+        updates[c] = u.astype(np.float32)
+    return updates
+
+
+@pytest.mark.parametrize("flag_share", [0.15, None])
+def test_dormant_flag_keeps_poisoned_updates_out_of_the_sum(
+    tmp_path: Path, flag_share: float | None
+) -> None:
+    from secfl.trust.prune import DormantPruner
+
+    factory, shared, weights = _dormant_setup()
+    pruner = DormantPruner(factory, shared)
+    mask = pruner.mask(weights)
+    updates = _dormant_updates(weights, mask)
+    config = _config(dormant={"flag_share": flag_share}, vote={"rules": ["peer", "reputation"]})
+    module = TrustModule(config, pruner=pruner)
+    events = EventLog(tmp_path / "events.jsonl")
+    decision = module.defend(
+        updates,
+        dict.fromkeys(updates, 10.0),
+        global_weights=weights,
+        round_index=1,
+        attempt=0,
+        events=events,
+    )
+    if flag_share is None:  # the other rules alone keep them: the flag does the work
+        assert {6, 7} <= set(decision.kept)
+        return
+    assert set(decision.flagged) == {6, 7} and decision.kept == (0, 1, 2, 3, 4, 5)
+    assert all("dormant" in r for r in decision.flagged.values())
+    assert decision.trusted_party not in (6, 7)
+    assert decision.metrics[6]["dormant_share"] > 0.15 >= decision.metrics[0]["dormant_share"]
+    honest = np.mean([updates[c] for c in range(6)], axis=0)
+    assert np.allclose(decision.mean_update, honest, atol=1e-6)
+    # sub-cohorts (masking): a sub-cohort whose mean carries a poisoned update is flagged
+    cohorts = {
+        0: ((0, 1, 2), np.mean([updates[c] for c in (0, 1, 2)], axis=0), 30.0),
+        1: ((3, 4, 5), np.mean([updates[c] for c in (3, 4, 5)], axis=0), 30.0),
+        2: ((6, 0, 1), np.mean([updates[c] for c in (6, 6, 6)], axis=0), 30.0),
+    }
+    decided = module.defend_cohorts(
+        cohorts, global_weights=weights, round_index=2, attempt=0, events=events
+    )
+    assert set(decided.flagged) == {2} and "dormant" in decided.flagged[2]
+    assert module.suspicion.of(6) > 0 and module.suspicion.of(3) == 0
+
+
+def test_dormant_reset_after_the_round_is_logged_and_switchable(tmp_path: Path) -> None:
+    from secfl.trust.prune import DormantPruner
+
+    factory, shared, weights = _dormant_setup()
+    events = EventLog(tmp_path / "events.jsonl")
+    for reset in (False, True):
+        module = TrustModule(
+            _config(dormant={"reset": reset}),
+            reference=lambda *_a, **_k: weights,
+            pruner=DormantPruner(factory, shared),
+        )
+        current = weights.copy()
+        module.after_round(current, round_index=1, attempt=0, events=events)
+        assert np.array_equal(current, weights) is not reset
+    events.close()
+    logged = [e for e in read_events(events.path) if e["event"] == "trust_prune"]
+    assert len(logged) == 1 and logged[0]["layers"] == {"0": [0, 1]} and logged[0]["zeroed"] == 15

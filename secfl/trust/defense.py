@@ -33,6 +33,7 @@ from secfl.trust.flag import (
     flag_outliers,
     robust_thresholds,
 )
+from secfl.trust.prune import DormantPruner, dormant_share
 from secfl.trust.reference import ReferenceTrainer
 from secfl.trust.reputation import Reputation, Suspicion
 from secfl.trust.vote import VoteEvidence, elect_trusted_party
@@ -58,6 +59,7 @@ register_event(
 )
 register_event("trust_cohort_kept", ("round", "attempt", "cohorts", "thresholds", "suspicion"))
 register_event("trust_excluded", ("round", "attempt", "client", "suspicion", "bound", "reason"))
+register_event("trust_prune", ("round", "attempt", "layers", "zeroed", "removed_norm", "tau"))
 
 #: Defenses whose output is the weighted mean of a subset of the updates, so central
 #: user-level DP (clip, sum, noise) can be applied to what they keep.
@@ -476,6 +478,44 @@ def _flag_against_reference(
     )
 
 
+def _vote_after_dormant_flags(
+    updates: Mapping[int, np.ndarray],
+    shares: Mapping[int, float],
+    bound: float | None,
+    vote: Callable[[Mapping[int, np.ndarray]], TrustDecision],
+) -> TrustDecision:
+    """Flag every candidate whose update puts more than ``bound`` of its norm on weights fed
+    by units dormant on the shared set (``trust.dormant.flag_share``), then run ``vote`` on
+    the others, so a flagged candidate can neither be elected nor move the thresholds. Its
+    share goes into every candidate's metrics (``dormant_share``)."""
+    ids = sorted(updates)
+    pre: dict[int, str] = {}
+    if bound is not None and shares:
+        for c in ids:
+            if shares[c] > bound:
+                pre[c] = (
+                    f"{shares[c]:.3g} of the update's norm lies on weights fed by units dormant "
+                    f"on the public shared set, above trust.dormant.flag_share={bound:g}"
+                )
+    rest = {c: updates[c] for c in ids if c not in pre}
+    if rest:
+        decision = vote(rest)
+    else:
+        size = next(iter(updates.values())).size
+        decision = TrustDecision(
+            defense="vote",
+            mean_update=np.zeros(size, dtype=np.float32),
+            total_weight=0.0,
+            kept=(),
+            flagged={},
+        )
+    if not shares:
+        return decision
+    flagged = {**pre, **decision.flagged}
+    metrics = {c: {**decision.metrics.get(c, {}), "dormant_share": shares[c]} for c in ids}
+    return replace(decision, flagged={c: flagged[c] for c in ids if c in flagged}, metrics=metrics)
+
+
 class TrustModule:
     """Server-side trust state across rounds: reputations, the reference trainer, logging.
 
@@ -487,6 +527,7 @@ class TrustModule:
         config: TrustConfig,
         *,
         reference: Callable[..., np.ndarray] | None = None,
+        pruner: DormantPruner | None = None,
     ) -> None:
         if config.defense == "none":
             raise ConfigError("trust.defense='none' needs no trust module")
@@ -500,6 +541,7 @@ class TrustModule:
             )
         self.config = config
         self.reference = reference
+        self.pruner = pruner
         self.reputation = Reputation(
             initial=config.reputation.initial,
             decay=config.reputation.decay,
@@ -515,6 +557,16 @@ class TrustModule:
     @property
     def defense(self) -> str:
         return self.config.defense
+
+    def _dormant_shares(
+        self, updates: Mapping[int, np.ndarray], global_weights: np.ndarray
+    ) -> dict[int, float]:
+        """Each update's share of its norm on the weights fed by units dormant on the
+        shared set at the broadcast model (empty without ``trust.dormant.flag_share``)."""
+        if self.pruner is None or self.config.dormant.flag_share is None:
+            return {}
+        mask = self.pruner.mask(global_weights)
+        return {c: dormant_share(u, mask) for c, u in updates.items()}
 
     def defend(
         self,
@@ -532,12 +584,17 @@ class TrustModule:
             reference = self.reference(global_weights, round_index=round_index, attempt=attempt)
         if self.defense == "vote":
             ids = sorted(updates)
-            decision = decide_by_vote(
+            decision = _vote_after_dormant_flags(
                 updates,
-                weights,
-                reference=reference,
-                reputation={c: self.reputation.of(c) for c in ids},
-                config=self.config,
+                self._dormant_shares(updates, global_weights),
+                self.config.dormant.flag_share,
+                lambda rest: decide_by_vote(
+                    rest,
+                    {c: weights[c] for c in rest},
+                    reference=reference,
+                    reputation={c: self.reputation.of(c) for c in ids},
+                    config=self.config,
+                ),
             )
         else:
             decision = decide_by_baseline(
@@ -675,16 +732,24 @@ class TrustModule:
         if self.reference is not None:
             reference = self.reference(global_weights, round_index=round_index, attempt=attempt)
         members = {j: survivors for j, (survivors, _, _) in cohorts.items()}
-        decision = decide_by_vote(
-            {j: mean for j, (_, mean, _) in cohorts.items()},
-            {j: weight for j, (_, _, weight) in cohorts.items()},
-            reference=reference,
-            reputation={
-                j: float(np.mean([self.reputation.of(c) for c in ids])) if ids else 0.0
-                for j, ids in members.items()
-            },
-            config=self.config,
-            detect_sybils=False,
+        means = {j: mean for j, (_, mean, _) in cohorts.items()}
+        decision = _vote_after_dormant_flags(
+            means,
+            self._dormant_shares(means, global_weights),
+            self.config.dormant.flag_share,
+            lambda rest: decide_by_vote(
+                rest,
+                {j: cohorts[j][2] for j in rest},
+                reference=reference,
+                reputation={
+                    j: float(np.mean([self.reputation.of(c) for c in members[j]]))
+                    if members[j]
+                    else 0.0
+                    for j in rest
+                },
+                config=self.config,
+                detect_sybils=False,
+            ),
         )
         decision = _flag_against_reference(
             decision, reference, cohorts, norm_ratio_max=self.config.suspicion.norm_ratio_max
@@ -732,6 +797,25 @@ class TrustModule:
             suspicion={c: self.suspicion.of(c) for ids in members.values() for c in ids},
         )
         return decision
+
+    def after_round(
+        self, weights: np.ndarray, *, round_index: int, attempt: int, events: EventLog
+    ) -> None:
+        """Post-aggregation step on the new global model (``trust.dormant.reset``): reset, in place,
+        the weights fed by units dormant on the public shared set, and log what was reset.
+        It sees only the revealed global model, so it is the same in every mode."""
+        if self.pruner is None or not self.config.dormant.reset:
+            return
+        report = self.pruner.prune(weights)
+        events.emit(
+            "trust_prune",
+            round=round_index,
+            attempt=attempt,
+            layers={str(k): v for k, v in report.units.items()},
+            zeroed=report.zeroed,
+            removed_norm=report.removed_norm,
+            tau=self.pruner.tau,
+        )
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -804,4 +888,17 @@ def build_trust(
             lr=ref.lr if ref.lr is not None else config.client.lr,
             batch_size=ref.batch_size,
         ).reference_update
-    return TrustModule(settings, reference=reference)
+    pruner = None
+    dormant = settings.dormant
+    flags = dormant.flag_share is not None and settings.defense == "vote"
+    if flags and not dormant.reset and len(shared) == 0:
+        events.emit(
+            "warning",
+            message=(
+                "trust.dormant.flag_share is off: dormant units are measured on the public "
+                "shared dataset and data.shared.per_class=0 leaves it empty"
+            ),
+        )
+    elif dormant.reset or flags:
+        pruner = DormantPruner(model_factory, shared, layers=dormant.layers, tau=dormant.tau)
+    return TrustModule(settings, reference=reference, pruner=pruner)
