@@ -316,6 +316,11 @@ def _run(
             attempt = _attempt_for(round_index, events, randomness) if resumed else 0
             before = server.weights.copy()
             outcome = server.run_round(round_index, attempt)
+            if trust is not None and outcome.aggregate is not None:
+                # post-aggregation defense on the revealed global model (trust.dormant.reset)
+                trust.after_round(
+                    server.weights, round_index=round_index, attempt=attempt, events=events
+                )
             refined = None
             if refiner is not None and outcome.aggregate is not None:
                 refined = refiner.refine(
