@@ -14,11 +14,15 @@ seed keys AES, and AES-CTR is a PRF-based PRG (Bonawitz et al. CCS 2017 §4 assu
 PRG; Bell et al. CCS 2020 §3 likewise).
 
 Speed: :class:`MaskEngine` adds or subtracts many masks and arrays into one preallocated
-output. It cuts the output into block-aligned ranges, one per thread, and walks each range in
-cache-sized chunks: for every chunk it expands each seed's keystream into a small scratch
-buffer (``update_into``, which releases the GIL) and adds it with a NumPy ufunc (which also
+output. It cuts the output into block-aligned, cache-sized chunks; the calling thread and
+``threads - 1`` pool helpers each walk their own span of chunks and then steal from the
+others (:class:`_Spans`), so the caller never waits for a helper the scheduler has not run.
+For every chunk a worker expands each seed's keystream into a small scratch buffer
+(``update_into``, which releases the GIL) and adds it with a NumPy ufunc (which also
 releases the GIL). Each accumulator chunk stays in the core's L2 cache while all terms are
-folded into it, so a mask costs one keystream pass and no extra trip to memory.
+folded into it, so a mask costs one keystream pass and no extra trip to memory. Arrays (the
+server's masked inputs, read from memory) are added over units of several chunks, which
+streams faster than chunk-sized runs.
 """
 
 from __future__ import annotations
