@@ -664,7 +664,10 @@ class RefineServerInversionConfig(InversionSettingsConfig):
     teacher: Literal["auto", "clients", "cohorts", "aggregate"] = "auto"
     history: Annotated[int, Field(ge=0, le=100)] = 2
     distill_steps: Annotated[int, Field(ge=1, le=100_000)] = 50
-    distill_lr: Annotated[float, Field(gt=0, le=10)] = 0.01
+    distill_lr: Annotated[float, Field(gt=0, le=10)] = 0.05
+    #: ``sgd`` (momentum 0.9) moves the aggregate in proportion to the teachers'
+    #: disagreement with it; ``adam`` moves every weight by about ``distill_lr`` per step.
+    distill_optimizer: Literal["sgd", "adam"] = "sgd"
     temperature: PositiveFloat = 3.0
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 64
     prox: Annotated[float, Field(ge=0, le=1e6)] = 0.01

@@ -15,6 +15,7 @@ from secfl.client.trainer import evaluate, train_locally
 from secfl.config import ClientConfig, ModelConfig, RunConfig, config_from_dict
 from secfl.data.datasets import Dataset
 from secfl.data.federated import build_federated_data
+from secfl.encode.flatten import flatten_parameters, load_parameters
 from secfl.errors import ConfigError
 from secfl.models import build_model
 from secfl.randomness import Randomness
@@ -23,6 +24,7 @@ from secfl.refine.guard import teacher_source
 from secfl.refine.inversion import InversionSettings, invert
 from secfl.refine.memorisation import memorisation_check
 from secfl.refine.moments import ActivationMoments, noised_moment_sum, record_moment_vectors
+from secfl.refine.tune import distill
 
 from .conftest import small_config
 
@@ -149,6 +151,52 @@ def test_inverted_samples_are_classified_as_their_target(trained_digits) -> None
     assert (predicted == synthetic.y).mean() >= 0.95
     # the moment term pulls the synthetic inputs to the data's scale
     assert abs(float(synthetic.x.mean()) - float(pool.x.mean())) < 0.25
+
+
+def test_sgd_distillation_moves_the_aggregate_only_as_far_as_the_teachers_disagree(
+    trained_digits,
+) -> None:
+    """Teachers that agree with the aggregate (IID rounds) leave it nearly where it was under
+    the default SGD; Adam's normalised steps would move every weight by about ``lr``."""
+    model, pool, _ = trained_digits
+    weights = flatten_parameters(model)
+    moved = {}
+    for name, spread in (("agree", 1e-4), ("disagree", 0.3)):
+        teacher = build_model(ModelConfig(kind="mlp", hidden=[32]), pool.x.shape[1:], 10)
+        noise = Randomness("seeded", 3).stream("test.teacher").normal(weights.size)
+        load_parameters(teacher, (weights + spread * noise).astype(np.float32))
+        for optimizer in ("sgd", "adam"):
+            student = build_model(ModelConfig(kind="mlp", hidden=[32]), pool.x.shape[1:], 10)
+            out = distill(
+                student,
+                weights,
+                [teacher],
+                pool.x[:128],
+                steps=20,
+                lr=0.05,
+                batch_size=64,
+                temperature=3.0,
+                prox=0.01,
+                stream=Randomness("seeded", 4).stream("test.distill"),
+                optimizer=optimizer,
+            )
+            moved[name, optimizer] = float(np.linalg.norm(out - weights))
+    assert moved["agree", "sgd"] < 0.01 * moved["agree", "adam"]
+    assert moved["agree", "sgd"] < 0.01 * moved["disagree", "sgd"]
+    with pytest.raises(ValueError, match="allowed: sgd, adam"):
+        distill(
+            model,
+            weights,
+            [model],
+            pool.x[:8],
+            steps=1,
+            lr=0.05,
+            batch_size=8,
+            temperature=3.0,
+            prox=0.0,
+            stream=Randomness("seeded", 4).stream("test.distill"),
+            optimizer="lbfgs",
+        )
 
 
 # ---------------------------------------------------------------------------- moments

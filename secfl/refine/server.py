@@ -125,6 +125,7 @@ class ServerRefiner:
                     batch_size=inversion.batch_size,
                     temperature=inversion.temperature,
                     prox=inversion.prox,
+                    optimizer=inversion.distill_optimizer,
                     stream=self._randomness.stream(
                         "refine.distill_order", round_index=round_index, attempt=attempt
                     ),

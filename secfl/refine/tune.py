@@ -77,10 +77,16 @@ def distill(
     temperature: float,
     prox: float,
     stream: RandomStream,
+    optimizer: str = "sgd",
 ) -> np.ndarray:
     """Distil the teacher ensemble's softened mean logits into ``student`` (started from
     ``weights``) on the inputs ``x``: KL at ``temperature`` (scaled by T^2) plus the
-    proximal term. New weights."""
+    proximal term. New weights.
+
+    ``optimizer`` ``sgd`` (momentum 0.9) moves the student in proportion to how much the
+    teachers disagree with it, so an aggregate the teachers already agree with (IID rounds)
+    barely changes; ``adam`` normalises every step and moves each weight by about ``lr``
+    whatever the disagreement."""
     load_parameters(student, weights)
     anchor = [p.detach().clone() for p in student.parameters()]
     xt = torch.from_numpy(x)
@@ -89,14 +95,21 @@ def distill(
             t.eval()
         targets = torch.stack([t(xt) for t in teachers]).mean(dim=0)
         soft = F.softmax(targets / temperature, dim=1)
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    params = list(student.parameters())
+    opt: torch.optim.Optimizer
+    if optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    else:
+        raise ValueError(f"unknown distillation optimizer {optimizer!r}; allowed: sgd, adam")
     student.train()
     for batch in _batches(len(x), batch_size, steps, stream):
         idx = torch.from_numpy(batch)
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         log_p = F.log_softmax(student(xt[idx]) / temperature, dim=1)
         loss = F.kl_div(log_p, soft[idx], reduction="batchmean") * temperature**2
         loss = loss + prox / 2 * _proximal(student, anchor)
         loss.backward()
-        optimizer.step()
+        opt.step()
     return flatten_parameters(student)
