@@ -40,6 +40,10 @@ def test_smoke_bench_writes_every_gated_key(smoke_report: dict[str, Any]) -> Non
         if key.startswith("gain_"):
             assert -100.0 <= report[key] <= 100.0, (key, report[key])
     assert 0.0 <= report["synthetic_fidelity"] <= 1.0
+    # per dataset beside the pooled figure, with the judge's own accuracy on real records
+    # (smoke runs digits only, so its worst cell is at most the pooled worst variant)
+    assert 0.0 <= report["synthetic_fidelity_digits"] <= report["synthetic_fidelity"] + 1e-9
+    assert 0.5 < report["classifier_real_accuracy_digits"] <= 1.0
     assert report["memorisation_ratio"] > 0
     assert 0.0 < report["refine_seconds_per_round"] < 60.0
     details = report["details"]
