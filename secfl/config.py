@@ -590,6 +590,14 @@ class TrustDormantConfig(StrictModel):
     tau: Annotated[float, Field(ge=0, lt=1)] = 0.05
 
 
+class TrustSharedLossConfig(StrictModel):
+    """``trust.shared_loss`` (mode ``masking``, ``secfl.trust.validate``): flag a sub-cohort
+    whose model (broadcast global model plus its mean update) has a cross-entropy on the
+    public shared set more than ``margin`` above the broadcast model's (``null``: off)."""
+
+    margin: Annotated[float, Field(ge=0, le=100)] | None = None
+
+
 class TrustConfig(StrictModel):
     """``trust``: the server's defense against poisoned updates (DESIGN 4, ``docs/trust.md``).
 
@@ -615,6 +623,7 @@ class TrustConfig(StrictModel):
     robust: TrustRobustConfig = Field(default_factory=TrustRobustConfig)
     suspicion: TrustSuspicionConfig = Field(default_factory=TrustSuspicionConfig)
     dormant: TrustDormantConfig = Field(default_factory=TrustDormantConfig)
+    shared_loss: TrustSharedLossConfig = Field(default_factory=TrustSharedLossConfig)
 
 
 # ---------------------------------------------------------------------------- refine
@@ -649,6 +658,11 @@ class InversionSettingsConfig(StrictModel):
     tv: Annotated[float, Field(ge=0, le=1e6)] = 1e-3
     l2: Annotated[float, Field(ge=0, le=1e6)] = 1e-4
     feature_stats: Annotated[float, Field(ge=0, le=1e6)] = 1.0
+    #: The synthetic inputs' per-feature std is matched to this multiple of the released
+    #: population std (0: only the mean is matched). At exactly 1 the samples sit as near the
+    #: training records as unseen records do (memorisation ratio ~1.0 on MNIST-1D); 1.05 keeps
+    #: them off the records (see docs/refinement.md).
+    input_spread: Annotated[float, Field(ge=0, le=10)] = 1.05
     adversarial: Annotated[float, Field(ge=0, le=1e6)] = 0.0
 
 

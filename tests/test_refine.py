@@ -153,6 +153,25 @@ def test_inverted_samples_are_classified_as_their_target(trained_digits) -> None
     assert abs(float(synthetic.x.mean()) - float(pool.x.mean())) < 0.25
 
 
+def test_input_spread_sets_the_synthetic_inputs_spread(trained_digits) -> None:
+    model, pool, _ = trained_digits
+    moments = ActivationMoments.of_data(model, pool.x)
+    spread = {}
+    for factor in (1.0, 1.5):
+        synthetic = invert(
+            [model],
+            input_shape=pool.x.shape[1:],
+            classes=range(10),
+            settings=InversionSettings(per_class=4, steps=150, input_spread=factor),
+            stream=Randomness("seeded", 1).stream("test.inversion"),
+            moments=moments,
+        )
+        spread[factor] = float(np.linalg.norm(synthetic.x.std(axis=0)))
+    target = float(np.linalg.norm(np.sqrt(moments.input_var)))
+    assert abs(spread[1.0] / target - 1.0) < 0.15
+    assert spread[1.5] / spread[1.0] > 1.3
+
+
 def test_sgd_distillation_moves_the_aggregate_only_as_far_as_the_teachers_disagree(
     trained_digits,
 ) -> None:

@@ -32,6 +32,10 @@ class InversionSettings:
     l2: float = 1e-4
     #: Weight of the activation-moment matching term (0 turns it off).
     feature_stats: float = 1.0
+    #: The inputs' per-feature std is matched to this multiple of the population's (0: not
+    #: matched). Exactly the data's spread puts samples as near the training records as
+    #: unseen records are; a little wider keeps them off the records.
+    input_spread: float = 1.05
     #: Weight of the teacher-disagreement term (DENSE / FedFTG style diversity); needs a
     #: student. 0 turns it off.
     adversarial: float = 0.0
@@ -46,6 +50,7 @@ class InversionSettings:
             tv=block.tv,
             l2=block.l2,
             feature_stats=block.feature_stats,
+            input_spread=block.input_spread,
             adversarial=block.adversarial,
         )
 
@@ -115,7 +120,9 @@ def invert(
             loss = F.cross_entropy(logits, y)
             loss = loss + settings.tv * total_variation(x) + settings.l2 * x.pow(2).mean()
             if probe is not None and moments is not None:
-                loss = loss + settings.feature_stats * probe.matching_loss(moments)
+                loss = loss + settings.feature_stats * probe.matching_loss(
+                    moments, input_spread=settings.input_spread
+                )
             if student is not None and settings.adversarial > 0:
                 # push samples to where the student still disagrees with the teacher
                 t = F.softmax(logits, dim=1)

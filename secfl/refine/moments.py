@@ -53,9 +53,16 @@ class MomentProbe:
     def layers(self) -> list[torch.Tensor]:
         return list(self._captured)
 
-    def matching_loss(self, target: ActivationMoments) -> torch.Tensor:
+    def matching_loss(
+        self, target: ActivationMoments, *, input_spread: bool = True
+    ) -> torch.Tensor:
         """Sum over layers of ||mean - target mean|| + ||std - target std|| (DeepInversion's
-        feature-distribution regulariser, with moments in place of BatchNorm statistics)."""
+        feature-distribution regulariser, with moments in place of BatchNorm statistics).
+
+        Layer 0 (the raw inputs) is matched to ``input_spread`` times the population's
+        per-feature std (0 leaves its std term out): samples spread exactly like the data sit
+        as close to the training records as unseen records do, so a spread a little wider
+        keeps them off the records (see :mod:`secfl.refine.memorisation`)."""
         layers = self.layers()
         if len(layers) != len(target.mean):
             raise ValueError(
@@ -63,11 +70,15 @@ class MomentProbe:
                 f"released moments {len(target.mean)}"
             )
         loss = layers[0].new_zeros(())
-        for feats, mean, var in zip(layers, target.mean, target.var, strict=True):
+        for layer, (feats, mean, var) in enumerate(
+            zip(layers, target.mean, target.var, strict=True)
+        ):
             mu = feats.mean(dim=0)
-            sd = (feats.pow(2).mean(dim=0) - mu.pow(2)).clamp_min(1e-8).sqrt()
             loss = loss + torch.linalg.vector_norm(mu - torch.from_numpy(mean))
-            loss = loss + torch.linalg.vector_norm(sd - torch.from_numpy(np.sqrt(var)))
+            scale = input_spread if layer == 0 else 1.0
+            if scale > 0:
+                sd = (feats.pow(2).mean(dim=0) - mu.pow(2)).clamp_min(1e-8).sqrt()
+                loss = loss + torch.linalg.vector_norm(sd - scale * torch.from_numpy(np.sqrt(var)))
         return loss
 
     def close(self) -> None:
