@@ -54,7 +54,7 @@ class MomentProbe:
         return list(self._captured)
 
     def matching_loss(
-        self, target: ActivationMoments, *, input_spread: bool = True
+        self, target: ActivationMoments, *, input_spread: float = 1.0
     ) -> torch.Tensor:
         """Sum over layers of ||mean - target mean|| + ||std - target std|| (DeepInversion's
         feature-distribution regulariser, with moments in place of BatchNorm statistics).
