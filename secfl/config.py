@@ -117,6 +117,16 @@ class ModelConfig(StrictModel):
 # ---------------------------------------------------------------------------- client
 
 
+class DistillConfig(StrictModel):
+    """``client.distill``: the client trains its local model as a student of the broadcast
+    global model, a frozen teacher (US20210182661A1, claim 2). The per-record objective is
+    ``(1 - alpha) * CE(student, label) + alpha * temperature^2 *
+    KL(softmax(teacher / temperature) || softmax(student / temperature))``."""
+
+    temperature: Annotated[float, Field(gt=0, le=100)] = 2.0
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
 class ClientConfig(StrictModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: Annotated[float, Field(gt=0, le=10)] = 0.05
@@ -124,6 +134,25 @@ class ClientConfig(StrictModel):
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
     epochs: Annotated[int, Field(ge=1, le=1000)] = 1
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 32
+    #: Distillation from the global model as teacher (docs/strategies.md), or None.
+    distill: DistillConfig | None = None
+    #: ``weights``: the update is the trained weights minus the global weights.
+    #: ``gradients``: the mean gradient of the local objective at the global weights over
+    #: the client's records (one pass, no local step); the server steps against it with
+    #: its optimiser at ``server.lr``.
+    update_kind: Literal["weights", "gradients"] = "weights"
+
+    @model_validator(mode="after")
+    def _distill_needs_local_steps(self) -> ClientConfig:
+        if self.distill is not None and self.update_kind == "gradients":
+            raise ValueError(
+                "client.distill with client.update_kind='gradients' is refused: the gradient "
+                "is taken at the global weights, where the student equals the teacher and the "
+                "distillation term's gradient is exactly zero (it would only scale the "
+                "cross-entropy gradient by 1 - alpha); distillation needs local steps, "
+                "use update_kind 'weights'"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------- server
