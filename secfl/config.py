@@ -182,6 +182,76 @@ class PoissonSampling(StrictModel):
 Sampling = Annotated[FixedSampling | PoissonSampling, Field(discriminator="kind")]
 
 
+class DevicePopulationConfig(StrictModel):
+    """``server.strategy.devices``: the simulated device population (``secfl.strategies``).
+
+    Compute speed (FLOP/s) and upload bandwidth (bytes/s) are log-normal around their
+    medians with the given sigmas, drawn once from the seed (experiment design); each device
+    is available in a round with probability ``availability``, drawn per round.
+    """
+
+    count: Annotated[int, Field(ge=1, le=100_000)] = 200
+    speed_median: PositiveFloat = 2e7
+    speed_sigma: Annotated[float, Field(ge=0, le=5)] = 1.0
+    bandwidth_median: PositiveFloat = 1.25e5
+    bandwidth_sigma: Annotated[float, Field(ge=0, le=5)] = 1.0
+    availability: Probability = 0.8
+
+
+class SchedulerTaskConfig(StrictModel):
+    """One federated task the scheduler runs beside the others: its data (one client per
+    device: ``data.num_clients`` must equal ``devices.count``), model, local training, DP
+    (None: the run's ``privacy`` block) and devices per round."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    privacy: PrivacyConfig | None = None
+    devices_per_round: Annotated[int, Field(ge=1, le=100_000)] = 10
+
+
+class SchedulerStrategy(StrictModel):
+    """``server.strategy: {kind: scheduler}``: several tasks at once over one simulated
+    device population; each round ``policy`` assigns available devices to tasks
+    (``resource``: from speed, bandwidth, workload, model size, remaining DP budget and a
+    fairness term; ``random``: the same number of random available devices per task)."""
+
+    kind: Literal["scheduler"] = "scheduler"
+    policy: Literal["resource", "random"] = "resource"
+    devices: DevicePopulationConfig = Field(default_factory=DevicePopulationConfig)
+    tasks: Annotated[list[SchedulerTaskConfig], Field(min_length=1, max_length=32)]
+    #: Weight of a device's participation deficit against its log relative round time.
+    fairness_weight: Annotated[float, Field(ge=0, le=100)] = 1.0
+    #: A device whose compute plus upload time for a task exceeds this many simulated
+    #: seconds is never assigned to that task (None: no limit).
+    max_device_time: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _tasks_fit_population(self) -> SchedulerStrategy:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"server.strategy.tasks names must be distinct, got {names}")
+        for i, task in enumerate(self.tasks):
+            if task.data.num_clients != self.devices.count:
+                raise ValueError(
+                    f"server.strategy.tasks[{i}].data.num_clients={task.data.num_clients} "
+                    f"must equal server.strategy.devices.count={self.devices.count} "
+                    "(each device holds one client's data for every task)"
+                )
+        wanted = sum(t.devices_per_round for t in self.tasks)
+        if wanted > self.devices.count:
+            raise ValueError(
+                f"server.strategy.tasks ask for {wanted} devices per round in all; allowed "
+                f"at most devices.count={self.devices.count} (a device trains one task a round)"
+            )
+        return self
+
+
+#: ``server.strategy``: tagged by ``kind`` (``tiers`` and ``pool`` join this union).
+Strategy = Annotated[SchedulerStrategy, Field(discriminator="kind")]
+
+
 class ServerConfig(StrictModel):
     optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
     lr: Annotated[float, Field(gt=0, le=100)] = 1.0
@@ -190,6 +260,8 @@ class ServerConfig(StrictModel):
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.99
     tau: Annotated[float, Field(gt=0, le=1)] = 1e-3
     sampling: Sampling = Field(default_factory=FixedSampling)
+    #: An orchestration strategy (``secfl.strategies``); None: one task, ``sampling``.
+    strategy: Strategy | None = None
 
 
 # ---------------------------------------------------------------------------- protection
@@ -924,7 +996,7 @@ def _format_location(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "<root>"
 
 
-_TAGS = {"iid", "dirichlet", "shards", "quantity", "fixed", "poisson"}
+_TAGS = {"iid", "dirichlet", "shards", "quantity", "fixed", "poisson", "scheduler"}
 
 
 def _describe(error: Any) -> str:
