@@ -6,6 +6,7 @@ typed messages of its :class:`~secfl.server.protection.Protection`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from secfl.audit.events import EventLog
 from secfl.config import RunConfig
 from secfl.encode.flatten import model_hash
+from secfl.errors import ConfigError
 from secfl.messages import FitIns
 from secfl.randomness import Randomness
 from secfl.server.optimizers import ServerOptimizer
@@ -61,11 +63,24 @@ class FederatedServer:
             weights=self.weights,
         )
 
-    def run_round(self, round_index: int, attempt: int = 0) -> RoundOutcome:
-        stream = self.randomness.stream(
-            "server.selection", round_index=round_index, attempt=attempt
-        )
-        participants = select_clients(self.config.server.sampling, self.client_ids, stream)
+    def run_round(
+        self, round_index: int, attempt: int = 0, *, participants: Sequence[int] | None = None
+    ) -> RoundOutcome:
+        """One round. ``participants``: chosen by an orchestration strategy (a scheduler)
+        instead of ``server.sampling``; ids must be known and distinct."""
+        if participants is None:
+            stream = self.randomness.stream(
+                "server.selection", round_index=round_index, attempt=attempt
+            )
+            participants = select_clients(self.config.server.sampling, self.client_ids, stream)
+        else:
+            participants = sorted(int(i) for i in participants)
+            known = set(self.client_ids)
+            if len(set(participants)) != len(participants) or not known.issuperset(participants):
+                raise ConfigError(
+                    f"participants {participants} must be distinct ids of this federation's "
+                    f"{len(known)} clients"
+                )
         self.events.emit(
             "round_started", round=round_index, attempt=attempt, participants=participants
         )
@@ -91,5 +106,7 @@ class FederatedServer:
                 reason="no usable update survived",
             )
         else:
-            self.optimizer.step(self.weights, result.mean_update)
+            self.optimizer.apply_update(
+                self.weights, result.mean_update, kind=self.config.client.update_kind
+            )
         return RoundOutcome(round_index, attempt, tuple(participants), result)
