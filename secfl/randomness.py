@@ -8,10 +8,11 @@ A run's :class:`Randomness` hands out :class:`RandomStream` objects named by
   ``(seed, round, attempt, party, purpose)``; runs and resumes are bit-identical, and the
   run is marked insecure in its report and event log.
 
-The experiment's *design* (test split, client partition, model initialisation) is defined by
-the seed in both modes: it is public, not secret, and must be the same for every seed-matched
-comparison. Everything else — client selection, batch order, dropouts, keys, masks, rounding,
-DP noise — follows the mode.
+The experiment's *design* (test split, client partition, model initialisation, a simulated
+device population's resources) is defined by the seed in both modes: it is public, not
+secret, and must be the same for every seed-matched comparison. Everything else — client
+selection, batch order, dropouts, device availability, keys, masks, rounding, DP noise —
+follows the mode.
 
 Derived values use named constructions so an auditor can reimplement them:
 ``uniform`` = top 53 bits of a big-endian u64 times 2^-53; ``integers`` = rejection sampling
@@ -32,7 +33,9 @@ from secfl.errors import ConfigError
 RandomnessMode = Literal["os", "seeded"]
 
 #: Purposes that define the experiment and are seeded in every mode.
-DESIGN_PURPOSES = frozenset({"data.split", "data.partition", "data.shared", "model.init"})
+DESIGN_PURPOSES = frozenset(
+    {"data.split", "data.partition", "data.shared", "model.init", "strategy.devices"}
+)
 
 
 class RandomStream:
