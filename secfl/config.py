@@ -691,14 +691,6 @@ class TrustDormantConfig(StrictModel):
     tau: Annotated[float, Field(ge=0, lt=1)] = 0.05
 
 
-class TrustSharedLossConfig(StrictModel):
-    """``trust.shared_loss`` (mode ``masking``, ``secfl.trust.validate``): flag a sub-cohort
-    whose model (broadcast global model plus its mean update) has a cross-entropy on the
-    public shared set more than ``margin`` above the broadcast model's (``null``: off)."""
-
-    margin: Annotated[float, Field(ge=0, le=100)] | None = None
-
-
 class TrustConfig(StrictModel):
     """``trust``: the server's defense against poisoned updates (DESIGN 4, ``docs/trust.md``).
 
@@ -724,7 +716,6 @@ class TrustConfig(StrictModel):
     robust: TrustRobustConfig = Field(default_factory=TrustRobustConfig)
     suspicion: TrustSuspicionConfig = Field(default_factory=TrustSuspicionConfig)
     dormant: TrustDormantConfig = Field(default_factory=TrustDormantConfig)
-    shared_loss: TrustSharedLossConfig = Field(default_factory=TrustSharedLossConfig)
 
 
 # ---------------------------------------------------------------------------- refine
