@@ -39,7 +39,7 @@ from secfl.record.report import write_report
 from secfl.refine.memorisation import MemorisationReport, memorisation_check
 from secfl.refine.run import build_refiner, record_refinement
 from secfl.server.loop import FederatedServer, RoundOutcome
-from secfl.server.optimizers import ServerOptimizer, make_server_optimizer
+from secfl.server.optimizers import ServerOptimizer, check_update_kind, make_server_optimizer
 from secfl.server.protection import Protection
 from secfl.transport.base import Transport
 from secfl.transport.dropout import with_simulated_dropouts
@@ -189,6 +189,7 @@ def _run(
     clock: Callable[[], float],
     stop_after: int | None,
 ) -> RunResult:
+    check_update_kind(config)
     data = build_federated_data(config.data, randomness)
     privacy = PrivacyRecorder(config, [len(c) for c in data.clients], folder, events)
     template = privacy.prepare_model(

@@ -385,7 +385,7 @@ def black_box_record_scores(
             if 0 in view.individual:
                 observed = weights + view.individual[0]
             if view.released is not None:
-                optimizer.step(weights, view.released)
+                optimizer.apply_update(weights, view.released, kind=config.client.update_kind)
             if not view.individual:
                 observed = weights
         model = federation.model_factory()

@@ -7,6 +7,7 @@ from typing import Any
 
 from secfl.bench import aggregation as _aggregation  # noqa: F401  (registers itself)
 from secfl.bench import ckks as _ckks  # noqa: F401  (registers itself)
+from secfl.bench import client_kd as _client_kd  # noqa: F401  (registers itself)
 from secfl.bench import deploy as _deploy  # noqa: F401  (registers itself)
 from secfl.bench import dp as _dp  # noqa: F401  (registers itself)
 from secfl.bench import refine as _refine  # noqa: F401  (registers itself)

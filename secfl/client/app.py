@@ -7,10 +7,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from secfl.audit.messages import ReceiptAck, ServerReceipt
-from secfl.client.trainer import LocalResult, train_locally
+from secfl.client.distill import teacher_logits
+from secfl.client.trainer import LocalResult, flatten_gradients, local_gradient, train_locally
 from secfl.config import ClientConfig
 from secfl.data.datasets import Dataset
 from secfl.encode.flatten import flatten_parameters, load_parameters, model_hash
@@ -86,7 +88,12 @@ class ClientApp:
         return out
 
     def train(self, ins: FitIns) -> tuple[np.ndarray, LocalResult]:
-        """Train from the broadcast model; returns (weights delta, local result)."""
+        """Train from the broadcast model; returns (update, local result).
+
+        The update is, by ``client.update_kind``, the trained weights minus the broadcast
+        ones, or the mean gradient of the local objective at the broadcast weights (the
+        server steps against it). With ``client.distill`` a frozen copy of the broadcast
+        model is the teacher of the local training (US20210182661A1, claim 2)."""
         if model_hash(ins.weights) != ins.model_hash:
             raise MessageError(
                 f"client {self.client_id}: broadcast weights do not match their model_hash"
@@ -94,6 +101,10 @@ class ClientApp:
         start = np.array(ins.weights, dtype=np.float32)
         data = self.data if self.augment is None else self.augment(ins)
         load_parameters(self._model, start)
+        gradients = self.config.update_kind == "gradients"
+        teacher = None
+        if self.config.distill is not None:
+            teacher = teacher_logits(self._model, torch.from_numpy(data.x))
         if self.privacy is not None:
             result = self.privacy.train(
                 self._model,
@@ -102,15 +113,20 @@ class ClientApp:
                 self.randomness,
                 round_index=ins.round,
                 attempt=ins.attempt,
+                teacher=teacher,
             )
-            return flatten_parameters(self._model) - start, result
-        stream = self.randomness.stream(
-            "client.batch_order", round_index=ins.round, attempt=ins.attempt, party=self.party
-        )
-        result = train_locally(self._model, data, self.config, stream)
+        elif gradients:
+            result = local_gradient(self._model, data, self.config)
+        else:
+            stream = self.randomness.stream(
+                "client.batch_order", round_index=ins.round, attempt=ins.attempt, party=self.party
+            )
+            result = train_locally(self._model, data, self.config, stream, teacher=teacher)
         if data is not self.data:
             # the weight of an update is the client's own record count, never the synthetic
             result = replace(result, num_samples=len(self.data))
+        if gradients:
+            return flatten_gradients(self._model), result
         return flatten_parameters(self._model) - start, result
 
     def _on_fit(self, ins: FitIns) -> FitRes:

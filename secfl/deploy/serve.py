@@ -52,7 +52,7 @@ from secfl.record import rundir
 from secfl.record.checkpoint import CHECKPOINT_NAME, Checkpoint, read_checkpoint, write_checkpoint
 from secfl.runner import initial_model, round_checkpoint, round_row
 from secfl.server.loop import FederatedServer, RoundOutcome
-from secfl.server.optimizers import make_server_optimizer
+from secfl.server.optimizers import check_update_kind, make_server_optimizer
 from secfl.trust.defense import build_trust
 
 register_event("round_retried", ("round", "attempt", "previous_attempt", "last_stage"))
@@ -225,6 +225,7 @@ def _serve(
                 f"{len(hub.connected('client'))} of {wanted} clients connected within "
                 f"{options.connect_timeout_s} s"
             )
+        check_update_kind(config)
         optimizer = make_server_optimizer(config.server, weights.size)
         server = FederatedServer(
             config=config,

@@ -24,7 +24,13 @@ from secfl.audit.events import EventLog, register_event
 from secfl.errors import BudgetExhausted, PrivacyError
 from secfl.privacy.accountants import calibrate_noise_multiplier
 from secfl.privacy.central import UserLevelMechanism
-from secfl.privacy.dpsgd import DpSgdSettings, PerSampleGradients, train_dp_sgd, validate_model
+from secfl.privacy.dpsgd import (
+    DpSgdSettings,
+    PerSampleGradients,
+    dp_mean_gradient,
+    train_dp_sgd,
+    validate_model,
+)
 from secfl.privacy.events import STATS_ATTEMPT_OFFSET, DpEvent
 from secfl.privacy.ledger import PartyLedger, check_delta
 
@@ -108,31 +114,65 @@ class ClientPrivacy:
         *,
         round_index: int,
         attempt: int,
+        teacher: torch.Tensor | None = None,
     ) -> LocalResult:
         """DP-SGD for one round; refuses (``BudgetExhausted``) if it would exceed the budget.
-        Every attempt is charged: the event is added before the update leaves the client."""
+        Every attempt is charged: the event is added before the update leaves the client.
+
+        With ``config.distill`` every record's loss is the distillation objective against
+        ``teacher`` (the frozen global model's logits on ``data``); the engines clip that
+        per-record gradient as they clip the cross-entropy's, so the event is the same.
+        With ``config.update_kind == "gradients"`` the private gradient at the received
+        weights is left in the parameters' ``.grad`` instead (:func:`dp_mean_gradient`)."""
+        from secfl.client.distill import record_distillation_loss
         from secfl.client.trainer import LocalResult, make_optimizer
 
         self.ledger.charge_check([self.planned_event(round_index, attempt)])
+        if config.distill is not None and teacher is None:
+            raise PrivacyError("client.distill needs the teacher's logits on the records")
         if self._engine is None or self._engine_model is not model:
-            self._engine, self._engine_model = PerSampleGradients(model), model
-        result = train_dp_sgd(
-            model,
-            torch.from_numpy(data.x),
-            torch.from_numpy(data.y),
-            make_optimizer(model, config),
-            self.settings,
-            sampling_stream=randomness.stream(
-                "client.dp_sampling", round_index=round_index, attempt=attempt, party=self.party
-            ),
-            noise_stream=randomness.stream(
-                "client.dp_noise", round_index=round_index, attempt=attempt, party=self.party
-            ),
-            round_index=round_index,
-            attempt=attempt,
-            party=self.party,
-            engine=self._engine,
+            loss = None if config.distill is None else record_distillation_loss(config.distill)
+            self._engine, self._engine_model = PerSampleGradients(model, loss=loss), model
+        sampling_stream = randomness.stream(
+            "client.dp_sampling", round_index=round_index, attempt=attempt, party=self.party
         )
+        noise_stream = randomness.stream(
+            "client.dp_noise", round_index=round_index, attempt=attempt, party=self.party
+        )
+        x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
+        if config.update_kind == "gradients":
+            result = dp_mean_gradient(
+                model,
+                x,
+                y,
+                self.settings,
+                sampling_stream=sampling_stream,
+                noise_stream=noise_stream,
+                round_index=round_index,
+                attempt=attempt,
+                party=self.party,
+                engine=self._engine,
+            )
+            if config.weight_decay > 0:  # the objective's data-free term, as SGD adds it
+                with torch.no_grad():
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.add_(p, alpha=config.weight_decay)
+        else:
+            result = train_dp_sgd(
+                model,
+                x,
+                y,
+                make_optimizer(model, config),
+                self.settings,
+                sampling_stream=sampling_stream,
+                noise_stream=noise_stream,
+                round_index=round_index,
+                attempt=attempt,
+                party=self.party,
+                engine=self._engine,
+                teacher=teacher if config.distill is not None else None,
+            )
         self.ledger.add(result.event)
         return LocalResult(num_samples=len(data), mean_loss=result.mean_loss, steps=result.steps)
 

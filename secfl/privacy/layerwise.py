@@ -51,6 +51,13 @@ _CONV = (nn.Conv1d, nn.Conv2d)
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm)
 
 
+#: A per-record loss ``(logits, labels, teacher_logits) -> losses`` of shape (B,); record
+#: i's loss may depend only on row i of each argument (as the cross-entropy, or the
+#: distillation objective of :mod:`secfl.client.distill`), which is what makes row i of
+#: the output gradient record i's own.
+RecordLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
 class LayerwiseUnsupported(RuntimeError):
     """Raised during a step when the model does something the engine cannot account for
     (a layer used twice, an output modified in place); the caller falls back."""
@@ -292,11 +299,13 @@ class LayerwiseClipping:
     GroupNorm layers (plus parameter-free layers), without per-record gradients for the
     whole model. Check :func:`layerwise_unsupported_reason` first."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, loss: RecordLoss | None = None) -> None:
         reason = layerwise_unsupported_reason(model)
         if reason is not None:
             raise LayerwiseUnsupported(reason)
         self.model = model
+        #: The per-record loss; None is the cross-entropy on the labels.
+        self.loss = loss
         self._captures: list[_Capture] = []
         for prefix, module in model.named_modules():
             names = {
@@ -324,7 +333,9 @@ class LayerwiseClipping:
 
         return record
 
-    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The summed loss, every capture holding its layer's input and output (checked:
         each layer ran once, nothing was modified in place)."""
         handles = [c.module.register_forward_hook(self._hook(c)) for c in self._captures]
@@ -332,7 +343,11 @@ class LayerwiseClipping:
             for c in self._captures:
                 c.calls, c.activation, c.output = 0, None, None
             with torch.enable_grad():
-                loss = F.cross_entropy(self.model(x), y, reduction="sum")
+                logits = self.model(x)
+                if self.loss is None:
+                    loss = F.cross_entropy(logits, y, reduction="sum")
+                else:
+                    loss = self.loss(logits, y, teacher).sum()
         finally:
             for handle in handles:
                 handle.remove()
@@ -350,10 +365,10 @@ class LayerwiseClipping:
         return loss
 
     def _forward_backward(
-        self, x: torch.Tensor, y: torch.Tensor
+        self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None
     ) -> tuple[float, list[torch.Tensor]]:
         """Summed loss and each layer's output gradient (row i: d loss_i / d z_i)."""
-        loss = self._forward(x, y)
+        loss = self._forward(x, y, teacher)
         outputs = [c.output for c in self._captures if c.output is not None]
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
         out_grads = [
@@ -363,7 +378,9 @@ class LayerwiseClipping:
             c.output = None
         return float(loss.detach()), out_grads
 
-    def _terms_in_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[_Terms]]:
+    def _terms_in_backward(
+        self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> tuple[float, list[_Terms]]:
         """Summed loss and every layer's terms, each computed by a hook on the layer's output
         the moment the backward pass has its gradient, after which the layer's input is
         released. Only the outputs with no other captured output upstream are asked of
@@ -372,7 +389,7 @@ class LayerwiseClipping:
         captures all inputs, to the end of the pass: ~8 ms instead of ~6 ms for the backward
         of the bench CNN, mostly fresh-page faults, since the backward's own temporaries
         could not reuse that memory."""
-        loss = self._forward(x, y)
+        loss = self._forward(x, y, teacher)
         outputs = [c.output for c in self._captures if c.output is not None]
         roots = _upstream_roots(outputs)
         terms: list[_Terms | None] = [None] * len(outputs)
@@ -463,10 +480,18 @@ class LayerwiseClipping:
 
         return norm2, clipped
 
-    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float) -> ClippedSum:
+    def clipped_sum(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        max_grad_norm: float,
+        *,
+        teacher: torch.Tensor | None = None,
+    ) -> ClippedSum:
         """``sum_i min(1, C / (||grad_i|| + 1e-6)) grad_i`` over the batch, for every
-        trainable parameter, with ``grad_i`` the gradient of record i's cross-entropy."""
-        loss_sum, terms = self._terms_in_backward(x, y)
+        trainable parameter, with ``grad_i`` the gradient of record i's loss (the
+        cross-entropy, or :attr:`loss` with the teacher's logits ``teacher``)."""
+        loss_sum, terms = self._terms_in_backward(x, y, teacher)
         with torch.no_grad():
             norms = torch.sqrt(torch.stack([t[0] for t in terms]).sum(0))
             factor = (max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
@@ -475,10 +500,12 @@ class LayerwiseClipping:
                 grads.update(clipped(factor))
         return ClippedSum(grads=grads, norms=norms, loss_sum=loss_sum)
 
-    def per_sample_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def per_sample_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, *, teacher: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Materialised per-record gradients from the same captured tensors (for tests and
         audits; the training step never builds them)."""
-        _, out_grads = self._forward_backward(x, y)
+        _, out_grads = self._forward_backward(x, y, teacher)
         result: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for c, g in zip(self._captures, out_grads, strict=True):

@@ -3,14 +3,20 @@
 FedAvg: ``w += lr * delta``. FedAvgM (Hsu et al. 2019): server momentum. FedAdam (Reddi et
 al., ICLR 2021, "Adaptive Federated Optimization"): Adam on the pseudo-gradient ``delta``
 with adaptivity ``tau``. State is a dict of arrays so checkpoints capture it exactly.
+
+Clients send weight deltas (``client.update_kind: weights``, the pseudo-gradient above) or
+mean gradients at the global weights (``gradients``, US20210182661A1's gradient option);
+:meth:`ServerOptimizer.apply_update` turns a mean gradient into the descent direction
+``-g``, so FedAvg at ``server.lr`` is gradient descent ``w -= lr * g`` (FedSGD) and FedAvgM
+/ FedAdam are server momentum / Adam on the gradients.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from secfl.config import ServerConfig
-from secfl.errors import CheckpointError
+from secfl.config import RunConfig, ServerConfig
+from secfl.errors import CheckpointError, ConfigError
 
 
 class ServerOptimizer:
@@ -24,6 +30,16 @@ class ServerOptimizer:
     def step(self, weights: np.ndarray, delta: np.ndarray) -> None:
         """Update ``weights`` in place from the mean update ``delta``."""
         weights += np.float32(self.config.lr) * delta
+
+    def apply_update(self, weights: np.ndarray, mean_update: np.ndarray, *, kind: str) -> None:
+        """Step from the aggregated client update of ``kind`` (``client.update_kind``):
+        a weights delta as is, a mean gradient as its descent direction."""
+        if kind == "weights":
+            self.step(weights, mean_update)
+        elif kind == "gradients":
+            self.step(weights, -mean_update)
+        else:
+            raise ConfigError(f"client.update_kind={kind!r}: allowed 'weights', 'gradients'")
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.state.items()}
@@ -78,6 +94,20 @@ _OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
     "fedavgm": FedAvgM,
     "fedadam": FedAdam,
 }
+
+
+def check_update_kind(config: RunConfig) -> None:
+    """Refuse what cannot consume gradient updates: the trust module compares each update
+    with a reference *weights delta* trained on the shared data (FLTrust), which points
+    against a gradient, so every honest client would look like an attacker."""
+    if config.client.update_kind != "gradients":
+        return
+    if config.trust is not None and config.trust.defense != "none":
+        raise ConfigError(
+            f"trust.defense={config.trust.defense!r} with client.update_kind='gradients' is "
+            "refused: the trust module's reference and thresholds are weights deltas, not "
+            "gradients; use update_kind 'weights' or trust.defense 'none'"
+        )
 
 
 def make_server_optimizer(config: ServerConfig, size: int) -> ServerOptimizer:
