@@ -1,0 +1,555 @@
+"""Several federated tasks over one simulated device population (``server.strategy:
+{kind: scheduler}``).
+
+Every task is an ordinary secfl federation (its own data split over the devices, model,
+clients, protection, DP ledger and :class:`~secfl.server.loop.FederatedServer`); the only
+difference from ``secfl run`` of one task is who takes part: each round the scheduler
+(:mod:`secfl.strategies.scheduler`) assigns available devices to tasks and every task's
+server runs its round with exactly those participants (``run_round(participants=...)``).
+A cohort smaller than ``aggregation.min_cohort`` is never run: the task skips the round
+(``strategy_task_skipped``). Because the strategy only chooses participants, every
+protection mode works unchanged.
+
+The run directory holds the usual files at the top (``metrics.json`` with one row per round
+and the per-task rows under ``tasks``, ``events.jsonl`` with the scheduler's decisions, one
+checkpoint for everything) and one folder per task under ``tasks/NAME/`` (its event log,
+``ledger.json``, final model).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+from tqdm import tqdm
+
+from secfl.audit.events import EventLog, register_event
+from secfl.client.app import ClientApp
+from secfl.client.trainer import evaluate
+from secfl.config import RunConfig, SchedulerStrategy, SchedulerTaskConfig
+from secfl.data.federated import FederatedData, build_federated_data
+from secfl.encode.flatten import flatten_parameters, load_parameters, model_hash
+from secfl.errors import ConfigError
+from secfl.models import build_model
+from secfl.privacy.distributed import user_level_mechanism
+from secfl.privacy.federation import PrivacyRecorder
+from secfl.randomness import Randomness
+from secfl.record import rundir
+from secfl.record.checkpoint import Checkpoint, write_checkpoint
+from secfl.record.report import write_report
+from secfl.server.loop import FederatedServer
+from secfl.server.optimizers import ServerOptimizer, make_server_optimizer
+from secfl.strategies.devices import DevicePopulation, TaskWorkload, workload_of
+from secfl.strategies.scheduler import (
+    AssignmentPolicy,
+    RoundRequest,
+    check_assignment,
+    jain_index,
+    make_policy,
+    task_round_times,
+)
+from secfl.transport.dropout import with_simulated_dropouts
+from secfl.transport.inprocess import InProcessTransport
+
+register_event(
+    "strategy_started",
+    ("strategy", "policy", "tasks", "devices", "speed_median", "bandwidth_median"),
+)
+register_event(
+    "strategy_assignment",
+    ("round", "available", "assigned", "round_time_s"),
+)
+register_event("strategy_task_skipped", ("round", "task", "cohort", "min_cohort", "reason"))
+
+TASKS_DIR = "tasks"
+
+
+def task_config(config: RunConfig, task: SchedulerTaskConfig) -> RunConfig:
+    """The single-task run config of ``task``: the run's settings with the task's data,
+    model, local training and privacy (the run's ``privacy`` when the task has none)."""
+    raw = config.to_dict()
+    raw["name"] = f"{config.name}-{task.name}"
+    raw["data"] = task.data.model_dump(mode="json")
+    raw["model"] = task.model.model_dump(mode="json")
+    raw["client"] = task.client.model_dump(mode="json")
+    if task.privacy is not None:
+        raw["privacy"] = task.privacy.model_dump(mode="json")
+    raw["server"]["strategy"] = None
+    from secfl.config import config_from_dict
+
+    return config_from_dict(raw)
+
+
+@dataclass(eq=False)
+class TaskFederation:
+    """One task's federation: clients, server, ledger, test data, workload."""
+
+    spec: SchedulerTaskConfig
+    config: RunConfig
+    data: FederatedData
+    server: FederatedServer
+    optimizer: ServerOptimizer
+    privacy: PrivacyRecorder
+    events: EventLog
+    folder: Path
+    model: nn.Module
+    workload: TaskWorkload
+    clock_s: float = 0.0
+    rounds_run: int = 0
+    rounds_skipped: int = 0
+    last: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def can_pay(self, round_index: int) -> np.ndarray:
+        """Devices whose remaining sample-level budget for this task pays one more round
+        (the task's own ledgers and accountant: what the client itself enforces)."""
+        out = np.ones(self.config.data.num_clients, dtype=bool)
+        if self.config.privacy.budget.client_epsilon is None:
+            return out
+        for client_id, client in self.privacy.clients.items():
+            out[client_id] = not client.exhausted(round_index)
+        return out
+
+    def remaining_epsilon(self) -> list[float] | None:
+        budget = self.config.privacy.budget.client_epsilon
+        if budget is None or not self.privacy.clients:
+            return None
+        return [
+            budget - self.privacy.clients[i].ledger.epsilon()
+            for i in range(self.config.data.num_clients)
+        ]
+
+    def measure(self) -> dict[str, float]:
+        load_parameters(self.model, self.server.weights)
+        correct, loss = evaluate(
+            self.model, self.data.test, batch_size=self.config.evaluation.batch_size
+        )
+        return {"accuracy": float(correct.mean()), "loss": float(loss)}
+
+
+def build_task(
+    config: RunConfig,
+    task: SchedulerTaskConfig,
+    folder: Path,
+    randomness: Randomness,
+    events: EventLog,
+    *,
+    fresh: bool,
+    clock: Callable[[], float] = time.time,
+) -> TaskFederation:
+    """A task's federation, wired like ``secfl.run`` wires one (no adversary, trust or
+    refinement: the configuration refuses them with a strategy)."""
+    from secfl.runner import initial_model, make_protection
+
+    cfg = task_config(config, task)
+    task_folder = folder / TASKS_DIR / task.name
+    task_folder.mkdir(parents=True, exist_ok=True)
+    task_events = EventLog(
+        task_folder / rundir.EVENTS_NAME,
+        clock=clock,
+        signer=events.signer,
+        config_fingerprint=cfg.fingerprint(),
+    )
+    data = build_federated_data(cfg.data, randomness)
+    privacy = PrivacyRecorder(cfg, [len(c) for c in data.clients], task_folder, task_events)
+    template = privacy.prepare_model(lambda: initial_model(cfg, data, randomness), notify=fresh)()
+    weights = flatten_parameters(template)
+    user_level = user_level_mechanism(cfg, weights.size)
+    privacy.attach_mechanism(user_level)
+    model_factory = privacy.prepare_model(
+        lambda: build_model(cfg.model, data.input_shape, data.num_classes)
+    )
+    clients = [
+        ClientApp(
+            i,
+            part,
+            model_factory=model_factory,
+            config=cfg.client,
+            randomness=randomness,
+            privacy=privacy.for_client(i),
+        )
+        for i, part in enumerate(data.clients)
+    ]
+    transport = with_simulated_dropouts(
+        InProcessTransport({c.client_id: c.handle for c in clients}),
+        cfg.simulation,
+        protection=cfg.aggregation.protection,
+        randomness=randomness,
+        events=task_events,
+    )
+    optimizer = make_server_optimizer(cfg.server, weights.size)
+    server = FederatedServer(
+        config=cfg,
+        weights=weights,
+        optimizer=optimizer,
+        protection=make_protection(cfg, clients, randomness, task_events, user_level=user_level),
+        transport=transport,
+        client_ids=[c.client_id for c in clients],
+        randomness=randomness,
+        events=task_events,
+    )
+    workload = workload_of(
+        task.name,
+        template,
+        data.input_shape,
+        epochs=cfg.client.epochs,
+        records=np.array([len(c) for c in data.clients]),
+    )
+    return TaskFederation(
+        spec=task,
+        config=cfg,
+        data=data,
+        server=server,
+        optimizer=optimizer,
+        privacy=privacy,
+        events=task_events,
+        folder=task_folder,
+        model=model_factory(),
+        workload=workload,
+    )
+
+
+def check_strategy_config(config: RunConfig) -> SchedulerStrategy:
+    strategy = config.server.strategy
+    if strategy is None or strategy.kind != "scheduler":
+        raise ConfigError("server.strategy must be {kind: scheduler} for a multi-task run")
+    refused = [
+        key
+        for key, value in (
+            ("adversary", config.adversary),
+            ("trust", config.trust),
+            ("refine", config.refine),
+        )
+        if value is not None
+    ]
+    if refused:
+        raise ConfigError(
+            f"server.strategy 'scheduler' does not support {refused} yet; remove them"
+        )
+    if config.simulation.transport != "inprocess":
+        raise ConfigError(
+            "server.strategy 'scheduler' runs its tasks in process; simulation.transport "
+            f"{config.simulation.transport!r} is not supported: allowed inprocess"
+        )
+    for i, task in enumerate(strategy.tasks):
+        if task.devices_per_round < config.aggregation.min_cohort:
+            raise ConfigError(
+                f"server.strategy.tasks[{i}].devices_per_round={task.devices_per_round} is "
+                f"below aggregation.min_cohort={config.aggregation.min_cohort}: every round "
+                "of the task would be skipped; allowed >= min_cohort"
+            )
+    return strategy
+
+
+@dataclass(eq=False)
+class StrategyRun:
+    """The scheduler's state between rounds (checkpointed)."""
+
+    participation: np.ndarray
+    history: list[dict[str, Any]]
+
+
+def run_scheduled(
+    config: RunConfig,
+    folder: Path,
+    randomness: Randomness,
+    events: EventLog,
+    checkpoint: Checkpoint | None,
+    *,
+    progress: bool,
+    clock: Callable[[], float] = time.time,
+    stop_after: int | None,
+) -> tuple[list[dict[str, Any]], dict[str, nn.Module], str | None]:
+    """Run (or continue from ``checkpoint``) the multi-task experiment; returns the history,
+    each task's final model and why it stopped early (None)."""
+    strategy = check_strategy_config(config)
+    population = DevicePopulation.draw(strategy.devices, randomness)
+    tasks = [
+        build_task(config, t, folder, randomness, events, fresh=checkpoint is None, clock=clock)
+        for t in strategy.tasks
+    ]
+    policy = make_policy(strategy.policy, fairness_weight=strategy.fairness_weight)
+    times = np.stack([t.workload.device_times(population) for t in tasks], axis=1)
+    within_limit = (
+        np.ones_like(times, dtype=bool)
+        if strategy.max_device_time is None
+        else times <= strategy.max_device_time
+    )
+    wanted = np.array([t.spec.devices_per_round for t in tasks], dtype=np.int64)
+    state = StrategyRun(participation=np.zeros(population.count, dtype=np.int64), history=[])
+    first_round = 1
+    if checkpoint is None:
+        events.emit(
+            "run_started",
+            config_fingerprint=config.fingerprint(),
+            randomness=randomness.mode,
+            secure=randomness.secure,
+            protection=config.aggregation.protection,
+        )
+        if not randomness.secure:
+            events.emit(
+                "insecure_randomness",
+                mode=randomness.mode,
+                reason="security.randomness=seeded: keys, masks and noise are reproducible "
+                "from the seed; simulation and tests only",
+            )
+        events.emit(
+            "strategy_started",
+            strategy="scheduler",
+            policy=policy.name,
+            tasks={
+                t.name: {
+                    "flops_per_record": t.workload.flops_per_record,
+                    "upload_bytes": t.workload.upload_bytes,
+                    "devices_per_round": int(t.spec.devices_per_round),
+                }
+                for t in tasks
+            },
+            devices=population.count,
+            speed_median=float(np.median(population.speed)),
+            bandwidth_median=float(np.median(population.bandwidth)),
+        )
+    else:
+        _restore(checkpoint, tasks, state)
+        first_round = checkpoint.round + 1
+        events.emit("run_resumed", from_round=checkpoint.round)
+
+    bar = tqdm(total=config.rounds, initial=first_round - 1, disable=not progress, unit="round")
+    done = 0
+    try:
+        for round_index in range(first_round, config.rounds + 1):
+            if stop_after is not None and done >= stop_after:
+                break
+            started = clock()
+            row = _run_scheduled_round(
+                config, round_index, population, tasks, policy, times, within_limit, wanted,
+                state, randomness, events, checkpoint is not None and round_index == first_round,
+            )  # fmt: skip
+            row["time_s"] = clock() - started
+            state.history.append(row)
+            digest = write_checkpoint(folder, _checkpoint(config, round_index, tasks, state))
+            events.emit("checkpoint_written", round=round_index, sha256=digest)
+            events.sync()
+            rundir.write_metrics(folder, state.history)
+            bar.update(1)
+            bar.set_postfix(acc=f"{row['accuracy']:.3f}", jain=f"{row['jain_index']:.3f}")
+            done += 1
+    finally:
+        bar.close()
+        for task in tasks:
+            task.events.close()
+
+    models: dict[str, nn.Module] = {}
+    for task in tasks:
+        load_parameters(task.model, task.server.weights)
+        models[task.name] = task.model
+    if state.history and state.history[-1]["round"] == config.rounds:
+        _finish(config, folder, tasks, state, randomness, events)
+    return state.history, models, None
+
+
+def _run_scheduled_round(
+    config: RunConfig,
+    round_index: int,
+    population: DevicePopulation,
+    tasks: list[TaskFederation],
+    policy: AssignmentPolicy,
+    times: np.ndarray,
+    within_limit: np.ndarray,
+    wanted: np.ndarray,
+    state: StrategyRun,
+    randomness: Randomness,
+    events: EventLog,
+    resumed: bool,
+) -> dict[str, Any]:
+    from secfl.runner import _attempt_for, round_row
+
+    available = population.available(randomness, round_index)
+    payable = np.stack([t.can_pay(round_index) for t in tasks], axis=1)
+    request = RoundRequest(
+        round=round_index,
+        times=times,
+        eligible=available[:, None] & payable & within_limit,
+        wanted=wanted,
+        participation=state.participation.copy(),
+    )
+    assignment = policy.assign(
+        request, randomness.stream("strategy.assignment", round_index=round_index)
+    )
+    check_assignment(request, assignment)  # fail closed, whichever policy decided
+    round_times = task_round_times(request, assignment)
+    events.emit(
+        "strategy_assignment",
+        round=round_index,
+        available=int(available.sum()),
+        assigned={t.name: list(a) for t, a in zip(tasks, assignment, strict=True)},
+        round_time_s={t.name: float(s) for t, s in zip(tasks, round_times, strict=True)},
+    )
+    min_cohort = config.aggregation.min_cohort
+    rows: dict[str, dict[str, Any]] = {}
+    for t, (task, devices) in enumerate(zip(tasks, assignment, strict=True)):
+        reason = None
+        if len(devices) < min_cohort:
+            reason = f"cohort {len(devices)} below aggregation.min_cohort={min_cohort}"
+        elif task.privacy.enabled and task.privacy.check_round(round_index) is not None:
+            reason = f"privacy budget: {task.privacy.stopped}"
+        if reason is not None:
+            events.emit(
+                "strategy_task_skipped",
+                round=round_index,
+                task=task.name,
+                cohort=len(devices),
+                min_cohort=min_cohort,
+                reason=reason,
+            )
+            task.rounds_skipped += 1
+            rows[task.name] = {
+                "round": round_index,
+                "skipped": reason,
+                "participants": 0,
+                "round_time_s": 0.0,
+                "clock_s": task.clock_s,
+                **{k: task.last.get(k, float("nan")) for k in ("accuracy", "loss")},
+            }
+            continue
+        attempt = _attempt_for(round_index, task.events, randomness) if resumed else 0
+        outcome = task.server.run_round(round_index, attempt, participants=devices)
+        if task.privacy.enabled:
+            task.privacy.record_round(outcome)
+        state.participation[list(devices)] += 1
+        task.clock_s += float(round_times[t])
+        task.rounds_run += 1
+        row = round_row(outcome)
+        agg = outcome.aggregate
+        if agg is not None and agg.train_loss is not None:
+            row["train_loss"] = agg.train_loss
+        every = config.evaluation.every
+        if round_index % every == 0 or round_index == config.rounds:
+            task.last = task.measure()
+        row.update({k: task.last.get(k, float("nan")) for k in ("accuracy", "loss")})
+        row["round_time_s"] = float(round_times[t])
+        row["clock_s"] = task.clock_s
+        remaining = task.remaining_epsilon()
+        if remaining is not None:
+            row["min_remaining_epsilon"] = float(min(remaining))
+        task.events.emit(
+            "round_completed",
+            round=round_index,
+            attempt=attempt,
+            survivors=list(agg.survivors) if agg else [],
+            accuracy=row["accuracy"],
+            loss=row["loss"],
+            model_hash=model_hash(task.server.weights).hex(),
+        )
+        task.events.sync()
+        rows[task.name] = row
+    accuracies = [r["accuracy"] for r in rows.values()]
+    losses = [r["loss"] for r in rows.values()]
+    return {
+        "round": round_index,
+        # the run's headline figures: the mean over tasks (each task's row is under tasks)
+        "accuracy": float(np.mean(accuracies)),
+        "loss": float(np.mean(losses)),
+        "participants": int(sum(len(a) for a in assignment)),
+        "available": int(available.sum()),
+        "round_time_s": float(round_times.max()),
+        "jain_index": jain_index(state.participation),
+        "tasks": rows,
+    }
+
+
+def _checkpoint(
+    config: RunConfig, round_index: int, tasks: list[TaskFederation], state: StrategyRun
+) -> Checkpoint:
+    arrays: dict[str, np.ndarray] = {"strategy.participation": state.participation}
+    task_state: dict[str, Any] = {}
+    for task in tasks:
+        arrays[f"{task.name}.global"] = task.server.weights
+        for key, value in task.optimizer.state_dict().items():
+            arrays[f"{task.name}.opt.{key}"] = value
+        task_state[task.name] = {
+            "privacy": task.privacy.state(),
+            "clock_s": task.clock_s,
+            "rounds_run": task.rounds_run,
+            "rounds_skipped": task.rounds_skipped,
+            "last": task.last,
+        }
+    return Checkpoint(
+        round=round_index,
+        config_fingerprint=config.fingerprint(),
+        arrays=arrays,
+        state={"history": state.history, "tasks": task_state},
+    )
+
+
+def _restore(checkpoint: Checkpoint, tasks: list[TaskFederation], state: StrategyRun) -> None:
+    state.participation[...] = checkpoint.arrays["strategy.participation"]
+    state.history = list(checkpoint.state["history"])
+    for task in tasks:
+        task.server.weights[...] = checkpoint.arrays[f"{task.name}.global"]
+        prefix = f"{task.name}.opt."
+        task.optimizer.load_state_dict(
+            {k[len(prefix) :]: v for k, v in checkpoint.arrays.items() if k.startswith(prefix)}
+        )
+        saved = checkpoint.state["tasks"][task.name]
+        task.privacy.load_state(saved["privacy"])
+        task.clock_s = float(saved["clock_s"])
+        task.rounds_run = int(saved["rounds_run"])
+        task.rounds_skipped = int(saved["rounds_skipped"])
+        task.last = dict(saved["last"])
+
+
+def summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per task: final accuracy, simulated time, rounds run and skipped; the final Jain
+    index of per-device participation."""
+    if not history:
+        return {}
+    tasks: dict[str, Any] = {}
+    for name in history[-1]["tasks"]:
+        rows = [r["tasks"][name] for r in history]
+        tasks[name] = {
+            "final_accuracy": rows[-1]["accuracy"],
+            "clock_s": rows[-1]["clock_s"],
+            "rounds_run": sum(1 for r in rows if "skipped" not in r),
+            "rounds_skipped": sum(1 for r in rows if "skipped" in r),
+        }
+    return {"tasks": tasks, "jain_index": history[-1]["jain_index"]}
+
+
+def _finish(
+    config: RunConfig,
+    folder: Path,
+    tasks: list[TaskFederation],
+    state: StrategyRun,
+    randomness: Randomness,
+    events: EventLog,
+) -> None:
+    for task in tasks:
+        rundir.write_model(
+            task.folder,
+            task.model,
+            metadata={
+                "model_hash": model_hash(task.server.weights).hex(),
+                "config_fingerprint": task.config.fingerprint(),
+            },
+        )
+    rundir.write_metrics(folder, state.history)
+    write_report(
+        folder / rundir.REPORT_NAME,
+        config=config.to_dict(),
+        history=state.history,
+        class_counts=tasks[0].data.class_counts,
+        secure_randomness=randomness.secure,
+    )
+    final = state.history[-1]
+    events.emit(
+        "run_finished", rounds=final["round"], accuracy=final["accuracy"], loss=final["loss"]
+    )
