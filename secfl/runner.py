@@ -57,6 +57,8 @@ class RunResult:
     config: RunConfig
     #: Why the run stopped before ``config.rounds`` (a privacy budget ran out), or None.
     stopped: str | None = None
+    #: Each task's final model when ``server.strategy`` runs several (``model``: the first).
+    models: dict[str, nn.Module] | None = None
 
 
 def initial_model(config: RunConfig, data: FederatedData, randomness: Randomness) -> nn.Module:
@@ -173,10 +175,47 @@ def run(
     if config.simulation.torch_threads is not None:
         torch.set_num_threads(config.simulation.torch_threads)
     try:
+        if config.server.strategy is not None:
+            return _run_strategy(
+                config, folder, randomness, events, checkpoint, progress, clock, stop_after
+            )
         return _run(config, folder, randomness, events, checkpoint, progress, clock, stop_after)
     finally:
         torch.set_num_threads(threads)
         events.close()
+
+
+def _run_strategy(
+    config: RunConfig,
+    folder: Path,
+    randomness: Randomness,
+    events: EventLog,
+    checkpoint: Checkpoint | None,
+    progress: bool,
+    clock: Callable[[], float],
+    stop_after: int | None,
+) -> RunResult:
+    """Several tasks over one device population (``server.strategy``, secfl.strategies)."""
+    from secfl.strategies.multitask import run_scheduled
+
+    history, models, stopped = run_scheduled(
+        config,
+        folder,
+        randomness,
+        events,
+        checkpoint,
+        progress=progress,
+        clock=clock,
+        stop_after=stop_after,
+    )
+    return RunResult(
+        history=history,
+        model=next(iter(models.values())),
+        out_dir=folder,
+        config=config,
+        stopped=stopped,
+        models=models,
+    )
 
 
 def _run(
