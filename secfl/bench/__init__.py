@@ -12,6 +12,7 @@ from secfl.bench import deploy as _deploy  # noqa: F401  (registers itself)
 from secfl.bench import dp as _dp  # noqa: F401  (registers itself)
 from secfl.bench import refine as _refine  # noqa: F401  (registers itself)
 from secfl.bench import secagg as _secagg  # noqa: F401  (registers itself)
+from secfl.bench import strategies as _strategies  # noqa: F401  (registers itself)
 from secfl.bench import trust as _trust  # noqa: F401  (registers itself)
 from secfl.bench.harness import register_benchmark, registry, run_registered
 
