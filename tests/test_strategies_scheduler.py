@@ -237,9 +237,16 @@ def test_secure_modes_run_with_scheduled_cohorts(tmp_path: Path, protection: str
         assert math.isfinite(row["accuracy"])
 
 
-def test_below_min_cohort_is_refused(tmp_path: Path) -> None:
+def test_unsupported_settings_are_refused(tmp_path: Path) -> None:
+    """A cohort that could never run, user-level DP (its noise plans for a fixed cohort and
+    the scheduler's choice is no random sample) and an unused server.sampling fail closed."""
     with pytest.raises(ConfigError, match="min_cohort"):
-        _quiet_run(_tiny(**{"aggregation.min_cohort": 4}), tmp_path / "x")
+        _quiet_run(_tiny(**{"aggregation.min_cohort": 4}), tmp_path / "a")
+    user = {"noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-3}
+    with pytest.raises(ConfigError, match="user_level"):
+        _quiet_run(_tiny(**{"privacy.user_level": user}), tmp_path / "b")
+    with pytest.raises(ConfigError, match="server.sampling"):
+        _quiet_run(_tiny(**{"server.sampling": {"kind": "poisson", "rate": 0.5}}), tmp_path / "c")
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path: Path) -> None:

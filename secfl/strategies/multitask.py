@@ -31,7 +31,7 @@ from tqdm import tqdm
 from secfl.audit.events import EventLog, register_event
 from secfl.client.app import ClientApp
 from secfl.client.trainer import evaluate
-from secfl.config import RunConfig, SchedulerStrategy, SchedulerTaskConfig
+from secfl.config import FixedSampling, RunConfig, SchedulerStrategy, SchedulerTaskConfig
 from secfl.data.federated import FederatedData, build_federated_data
 from secfl.encode.flatten import flatten_parameters, load_parameters, model_hash
 from secfl.errors import ConfigError
@@ -80,6 +80,9 @@ def task_config(config: RunConfig, task: SchedulerTaskConfig) -> RunConfig:
     if task.privacy is not None:
         raw["privacy"] = task.privacy.model_dump(mode="json")
     raw["server"]["strategy"] = None
+    # the cohort size the task's mechanisms plan for (no sampling amplification is claimed:
+    # the scheduler's choice is not a uniform or Poisson sample)
+    raw["server"]["sampling"] = {"kind": "fixed", "clients_per_round": task.devices_per_round}
     from secfl.config import config_from_dict
 
     return config_from_dict(raw)
@@ -233,6 +236,23 @@ def check_strategy_config(config: RunConfig) -> SchedulerStrategy:
     if refused:
         raise ConfigError(
             f"server.strategy 'scheduler' does not support {refused} yet; remove them"
+        )
+    user_level = [
+        t.name
+        for t in strategy.tasks
+        if (t.privacy if t.privacy is not None else config.privacy).user_level is not None
+    ]
+    if user_level:
+        # Its noise is calibrated for a fixed cohort (distributed shares: per participant);
+        # a scheduled cohort can be smaller, and no amplification theorem covers the choice.
+        raise ConfigError(
+            f"server.strategy 'scheduler' does not support privacy.user_level yet (tasks "
+            f"{user_level}); use privacy.sample_level with privacy.budget.client_epsilon"
+        )
+    if config.server.sampling != FixedSampling():
+        raise ConfigError(
+            "server.sampling is not used with server.strategy 'scheduler' (the scheduler "
+            "chooses every task's participants); leave it unset"
         )
     if config.simulation.transport != "inprocess":
         raise ConfigError(
