@@ -680,12 +680,13 @@ class TrustDormantConfig(StrictModel):
     ``tau`` times its layer's median, over the input units of the model's Linear layers
     (``first``: the first one, an MLP's input features; ``all``). ``reset``: after every
     round zero the weights those units feed in the new global model (acts on the revealed
-    model only: the same in every mode). ``flag_share``: flag a participant (mode ``none``)
-    or sub-cohort (``masking``) whose update puts more than this share of its norm on those
-    weights (``null``: off; ``ckks`` reveals no per-client vector, so only ``reset`` acts
-    there)."""
+    model only; ``masking``: under protection ``masking`` only, where a sub-cohort mean can
+    hide an attacker's share in early rounds; ``always``; ``never``). ``flag_share``: flag
+    a participant (mode ``none``) or sub-cohort (``masking``) whose update puts more than
+    this share of its norm on those weights (``null``: off; ``ckks`` reveals no per-client
+    vector, so only ``reset`` acts there)."""
 
-    reset: bool = False
+    reset: Literal["never", "masking", "always"] = "masking"
     flag_share: Annotated[float, Field(gt=0, le=1)] | None = 0.15
     layers: Literal["first", "all"] = "first"
     tau: Annotated[float, Field(ge=0, lt=1)] = 0.05

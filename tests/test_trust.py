@@ -384,7 +384,7 @@ def test_kill_and_resume_keeps_trust_state_exactly(
 ) -> None:
     _with_attackers(monkeypatch, {5, 6, 7})
     if defense == "vote-reset":  # the post-aggregation reset of trust.dormant, stateless
-        config = _run_config(defense="vote", dormant={"reset": True})
+        config = _run_config(defense="vote", dormant={"reset": "always"})
         defense = "vote"
     else:
         config = _run_config(defense=defense)
@@ -603,7 +603,8 @@ def test_dormant_reset_after_the_round_is_logged_and_switchable(tmp_path: Path) 
     events = EventLog(tmp_path / "events.jsonl")
     for reset in (False, True):
         module = TrustModule(
-            _config(dormant={"reset": reset}),
+            _config(),
+            reset=reset,
             reference=lambda *_a, **_k: weights,
             pruner=DormantPruner(factory, shared),
         )
@@ -613,3 +614,26 @@ def test_dormant_reset_after_the_round_is_logged_and_switchable(tmp_path: Path) 
     events.close()
     logged = [e for e in read_events(events.path) if e["event"] == "trust_prune"]
     assert len(logged) == 1 and logged[0]["layers"] == {"0": [0, 1]} and logged[0]["zeroed"] == 15
+
+
+@pytest.mark.parametrize(
+    ("reset", "protection", "active"),
+    [("masking", "masking", True), ("masking", "none", False), ("always", "none", True)],
+)
+def test_dormant_reset_default_acts_under_masking_only(
+    tmp_path: Path, reset: str, protection: str, active: bool
+) -> None:
+    from secfl.trust import build_trust
+
+    factory, shared, _ = _dormant_setup()
+    config = small_config(**{"aggregation.protection": protection}).with_overrides(
+        trust={"dormant": {"reset": reset}}
+    )
+    module = build_trust(
+        config,
+        model_factory=factory,
+        shared=shared,
+        randomness=Randomness("seeded", 0),
+        events=EventLog(tmp_path / "events.jsonl"),
+    )
+    assert module is not None and module.reset is active

@@ -528,6 +528,7 @@ class TrustModule:
         *,
         reference: Callable[..., np.ndarray] | None = None,
         pruner: DormantPruner | None = None,
+        reset: bool = False,
     ) -> None:
         if config.defense == "none":
             raise ConfigError("trust.defense='none' needs no trust module")
@@ -542,6 +543,8 @@ class TrustModule:
         self.config = config
         self.reference = reference
         self.pruner = pruner
+        #: Reset dormant-fed weights after each round (``trust.dormant.reset`` for this mode).
+        self.reset = reset and pruner is not None
         self.reputation = Reputation(
             initial=config.reputation.initial,
             decay=config.reputation.decay,
@@ -804,7 +807,7 @@ class TrustModule:
         """Post-aggregation step on the new global model (``trust.dormant.reset``): reset, in place,
         the weights fed by units dormant on the public shared set, and log what was reset.
         It sees only the revealed global model, so it is the same in every mode."""
-        if self.pruner is None or not self.config.dormant.reset:
+        if self.pruner is None or not self.reset:
             return
         report = self.pruner.prune(weights)
         events.emit(
@@ -891,7 +894,10 @@ def build_trust(
     pruner = None
     dormant = settings.dormant
     flags = dormant.flag_share is not None and settings.defense == "vote"
-    if flags and not dormant.reset and len(shared) == 0:
+    reset = dormant.reset == "always" or (
+        dormant.reset == "masking" and config.aggregation.protection == "masking"
+    )
+    if flags and not reset and len(shared) == 0:
         events.emit(
             "warning",
             message=(
@@ -899,6 +905,6 @@ def build_trust(
                 "shared dataset and data.shared.per_class=0 leaves it empty"
             ),
         )
-    elif dormant.reset or flags:
+    elif reset or flags:
         pruner = DormantPruner(model_factory, shared, layers=dormant.layers, tau=dormant.tau)
-    return TrustModule(settings, reference=reference, pruner=pruner)
+    return TrustModule(settings, reference=reference, pruner=pruner, reset=reset)
