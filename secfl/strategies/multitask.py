@@ -18,9 +18,10 @@ checkpoint for everything) and one folder per task under ``tasks/NAME/`` (its ev
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,6 @@ class TaskFederation:
     clock_s: float = 0.0
     rounds_run: int = 0
     rounds_skipped: int = 0
-    last: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -437,7 +437,8 @@ def _run_scheduled_round(
                 "participants": 0,
                 "round_time_s": 0.0,
                 "clock_s": task.clock_s,
-                **{k: task.last.get(k, float("nan")) for k in ("accuracy", "loss")},
+                "accuracy": float("nan"),
+                "loss": float("nan"),
             }
             continue
         attempt = _attempt_for(round_index, task.events, randomness) if resumed else 0
@@ -453,8 +454,9 @@ def _run_scheduled_round(
             row["train_loss"] = agg.train_loss
         every = config.evaluation.every
         if round_index % every == 0 or round_index == config.rounds:
-            task.last = task.measure()
-        row.update({k: task.last.get(k, float("nan")) for k in ("accuracy", "loss")})
+            row.update(task.measure())
+        else:
+            row.update({"accuracy": float("nan"), "loss": float("nan")})
         row["round_time_s"] = float(round_times[t])
         row["clock_s"] = task.clock_s
         remaining = task.remaining_epsilon()
@@ -500,7 +502,6 @@ def _checkpoint(
             "clock_s": task.clock_s,
             "rounds_run": task.rounds_run,
             "rounds_skipped": task.rounds_skipped,
-            "last": task.last,
         }
     return Checkpoint(
         round=round_index,
@@ -524,19 +525,24 @@ def _restore(checkpoint: Checkpoint, tasks: list[TaskFederation], state: Strateg
         task.clock_s = float(saved["clock_s"])
         task.rounds_run = int(saved["rounds_run"])
         task.rounds_skipped = int(saved["rounds_skipped"])
-        task.last = dict(saved["last"])
 
 
-def summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per task: final accuracy, simulated time, rounds run and skipped; the final Jain
-    index of per-device participation."""
+def summary(history: list[dict[str, Any]], *, tail: int = 3) -> dict[str, Any]:
+    """Per task: final accuracy (the last evaluation) and the mean of the last ``tail``
+    evaluations, simulated time, rounds run and skipped; the final Jain index of
+    per-device participation."""
     if not history:
         return {}
     tasks: dict[str, Any] = {}
     for name in history[-1]["tasks"]:
         rows = [r["tasks"][name] for r in history]
+        evaluated = [float(r["accuracy"]) for r in rows if math.isfinite(r["accuracy"])]
         tasks[name] = {
-            "final_accuracy": rows[-1]["accuracy"],
+            "final_accuracy": evaluated[-1] if evaluated else float("nan"),
+            "final_accuracy_tail_mean": float(np.mean(evaluated[-tail:]))
+            if evaluated
+            else float("nan"),
+            "evaluations_in_tail": min(tail, len(evaluated)),
             "clock_s": rows[-1]["clock_s"],
             "rounds_run": sum(1 for r in rows if "skipped" not in r),
             "rounds_skipped": sum(1 for r in rows if "skipped" in r),
