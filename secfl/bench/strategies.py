@@ -21,8 +21,11 @@ the same seeds and configs for both policies except ``server.strategy.policy``
   moves by several points from round to round; the last-round figures, the per-task drops
   and every task's accuracies for both policies are under ``details``.
 
-The keys of the other strategies (``tier_*``, ``pool_*``, ``kd_*``) join this report when
-their strategies exist; until then they are absent, never filled with placeholders.
+Teacher and student on the client: ``kd_vs_plain_points`` from
+:func:`secfl.bench.client_kd.measure_client_kd` (its plan and details under
+``details.kd``). The keys of the strategies not built yet (``tier_*``, ``pool_*``) join this
+report when they exist; until then they are absent, never filled with placeholders;
+``strategies_measured`` names the strategies present.
 ``--quick``: one seed instead of three, same sizes and keys; ``--smoke``: 20 devices,
 3 devices per task, 3 rounds, one seed.
 """
@@ -38,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from secfl.bench.client_kd import measure_client_kd
 from secfl.bench.harness import BenchSettings, register_benchmark, run_in_processes
 from secfl.config import RunConfig, config_from_dict
 
@@ -226,6 +230,7 @@ def bench_strategies(settings: BenchSettings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         results = run_in_processes(run_case, cases, Path(tmp), workers)
     figures = aggregate(results, seeds)
+    kd = measure_client_kd(settings.quick, settings.smoke)
     figures["details"]["scheduler"].update(
         {
             "devices": sizes.devices,
@@ -237,7 +242,8 @@ def bench_strategies(settings: BenchSettings) -> dict[str, Any]:
     )
     return {
         **{k: v for k, v in figures.items() if k != "details"},
-        "strategies_measured": ["scheduler"],
-        "goals": dict(GOALS),
-        "details": figures["details"],
+        "kd_vs_plain_points": kd["kd_vs_plain_points"],
+        "strategies_measured": ["scheduler", "kd"],
+        "goals": {**GOALS, "kd_vs_plain_points": "reported"},
+        "details": {**figures["details"], "kd": kd["details"]},
     }
