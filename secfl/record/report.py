@@ -162,6 +162,20 @@ def write_report(
     loss = line_chart(
         "Test loss", rounds, {"loss": [float(r["loss"]) for r in history]}, y_label="loss"
     )
+    # several tasks (server.strategy): one accuracy line per task beside the mean
+    task_names = list(history[-1].get("tasks", {})) if history else []
+    if task_names:
+        acc += line_chart(
+            "Test accuracy per task",
+            rounds,
+            {
+                name: [
+                    float(r.get("tasks", {}).get(name, {}).get("accuracy", np.nan)) for r in history
+                ]
+                for name in task_names
+            },
+            y_label="accuracy",
+        )
     warning = (
         ""
         if secure_randomness
