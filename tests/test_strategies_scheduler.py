@@ -206,6 +206,7 @@ def test_run_per_task_rows_and_budget_binds(tmp_path: Path) -> None:
     result = _quiet_run(config_from_dict(raw), tmp_path / "run")
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rows] == list(range(1, 9))
+    assert "Test accuracy per task" in (tmp_path / "run" / "report.html").read_text()
     assert set(rows[0]["tasks"]) == {"digits", "breast_cancer", "mnist1d"}
     task_log = tmp_path / "run" / "tasks" / "digits" / "events.jsonl"
     trained = [json.loads(line) for line in task_log.open()]
