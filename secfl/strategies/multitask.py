@@ -30,6 +30,8 @@ from torch import nn
 from tqdm import tqdm
 
 from secfl.audit.events import EventLog, register_event
+from secfl.audit.receipts import ReceiptIssuer
+from secfl.audit.transcript import TranscriptRecorder
 from secfl.client.app import ClientApp
 from secfl.client.trainer import evaluate
 from secfl.config import FixedSampling, RunConfig, SchedulerStrategy, SchedulerTaskConfig
@@ -103,6 +105,7 @@ class TaskFederation:
     folder: Path
     model: nn.Module
     workload: TaskWorkload
+    receipts: ReceiptIssuer
     clock_s: float = 0.0
     rounds_run: int = 0
     rounds_skipped: int = 0
@@ -150,7 +153,7 @@ def build_task(
 ) -> TaskFederation:
     """A task's federation, wired like ``secfl.run`` wires one (no adversary, trust or
     refinement: the configuration refuses them with a strategy)."""
-    from secfl.runner import initial_model, make_protection
+    from secfl.runner import _receipt_book, initial_model, make_protection
 
     cfg = task_config(config, task)
     task_folder = folder / TASKS_DIR / task.name
@@ -178,6 +181,7 @@ def build_task(
             config=cfg.client,
             randomness=randomness,
             privacy=privacy.for_client(i),
+            receipts=_receipt_book(task_events, task_folder, i),
         )
         for i, part in enumerate(data.clients)
     ]
@@ -188,13 +192,15 @@ def build_task(
         randomness=randomness,
         events=task_events,
     )
+    # outermost, as in a single-task run: it hashes exactly the bytes the server exchanges
+    recorder = TranscriptRecorder(transport)
     optimizer = make_server_optimizer(cfg.server, weights.size)
     server = FederatedServer(
         config=cfg,
         weights=weights,
         optimizer=optimizer,
         protection=make_protection(cfg, clients, randomness, task_events, user_level=user_level),
-        transport=transport,
+        transport=recorder,
         client_ids=[c.client_id for c in clients],
         randomness=randomness,
         events=task_events,
@@ -217,6 +223,7 @@ def build_task(
         folder=task_folder,
         model=model_factory(),
         workload=workload,
+        receipts=ReceiptIssuer(events=task_events, recorder=recorder),
     )
 
 
@@ -471,6 +478,8 @@ def _run_scheduled_round(
             loss=row["loss"],
             model_hash=model_hash(task.server.weights).hex(),
         )
+        # after every change to the task's model: the receipt names the next broadcast
+        task.receipts.issue(outcome, task.server.weights)
         task.events.sync()
         rows[task.name] = row
     accuracies = [r["accuracy"] for r in rows.values()]
