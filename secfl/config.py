@@ -198,6 +198,66 @@ class DevicePopulationConfig(StrictModel):
     availability: Probability = 0.8
 
 
+class PoolModelConfig(StrictModel):
+    """One base model of the random model sharing pool: its name, architecture and
+    initialisation (``init_seed``; None: the model's position in the pool), drawn from the
+    run's seed as a design choice, so two entries with one architecture start apart."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    init_seed: Annotated[int, Field(ge=0, le=2**31)] | None = None
+
+
+class PoolConvergenceConfig(StrictModel):
+    """``server.strategy.convergence``: a base model has converged once its test error
+    (1 - accuracy) is at most ``error_bound``, or once its test error moved by less than
+    ``tolerance`` (max - min) over its last ``window`` evaluations."""
+
+    error_bound: Annotated[float, Field(ge=0, le=1)] = 0.1
+    tolerance: Annotated[float, Field(ge=0, le=1)] = 0.01
+    window: Annotated[int, Field(ge=2, le=1000)] = 3
+
+
+class PoolStrategy(StrictModel):
+    """``server.strategy: {kind: pool}``: the random model sharing pool (CN119005361B).
+
+    Each round at most ``models_per_round`` base models are drawn and the round's
+    participants are dealt among them by randomness every participant recomputes (from a
+    hash of the keys they advertised); each drawn model is securely aggregated over its own
+    cohort of at least ``aggregation.min_cohort``. After convergence the acceptable set holds
+    the models whose test-accuracy Clopper-Pearson interval at ``confidence`` overlaps the
+    best model's; near-duplicates (cosine of the weights above ``duplicate_cosine``) are
+    eliminated."""
+
+    kind: Literal["pool"] = "pool"
+    models: Annotated[list[PoolModelConfig], Field(min_length=1, max_length=32)]
+    #: At most this many models are drawn a round (fewer when the participants cannot
+    #: form that many cohorts of ``aggregation.min_cohort``).
+    models_per_round: Annotated[int, Field(ge=1, le=32)] = 2
+    #: Participants sampled uniformly each round (None: every client).
+    participants_per_round: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    convergence: PoolConvergenceConfig = Field(default_factory=PoolConvergenceConfig)
+    #: Stop before ``rounds`` once every base model has converged (S402 / S406).
+    stop_when_converged: bool = True
+    #: Two-sided confidence level of the Clopper-Pearson intervals.
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    #: Cosine similarity of two models' weights above which the worse one is eliminated
+    #: (models of different sizes are never duplicates).
+    duplicate_cosine: Annotated[float, Field(gt=0, le=1)] = 0.99
+
+    @model_validator(mode="after")
+    def _models_are_distinct(self) -> PoolStrategy:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"server.strategy.models names must be distinct, got {names}")
+        if self.models_per_round > len(self.models):
+            raise ValueError(
+                f"server.strategy.models_per_round={self.models_per_round} exceeds the "
+                f"{len(self.models)} base models; allowed 1..{len(self.models)}"
+            )
+        return self
+
+
 class SchedulerTaskConfig(StrictModel):
     """One federated task the scheduler runs beside the others: its data (one client per
     device: ``data.num_clients`` must equal ``devices.count``), model, local training, DP
@@ -248,8 +308,92 @@ class SchedulerStrategy(StrictModel):
         return self
 
 
-#: ``server.strategy``: tagged by ``kind`` (``tiers`` and ``pool`` join this union).
-Strategy = Annotated[SchedulerStrategy, Field(discriminator="kind")]
+class TierConfig(StrictModel):
+    """One hardware tier: its name and the width multiplier of the run's ``model`` it
+    trains (hidden units and channels scaled, at least one each)."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
+    width: Annotated[float, Field(gt=0, le=4)]
+
+
+class TierTransferConfig(StrictModel):
+    """``server.strategy.transfer``: after each round every tier's model is distilled from
+    the ensemble of the other tiers' models on public inputs (``shared``: ``data.shared``;
+    ``synthetic``: inputs inverted from all tiers' models; ``both``), KL at ``temperature``
+    plus ``prox / 2 * ||w - w_aggregate||^2``."""
+
+    source: Literal["shared", "synthetic", "both"] = "shared"
+    steps: Annotated[int, Field(ge=1, le=100_000)] = 20
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.05
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 32
+    temperature: Annotated[float, Field(gt=0, le=100)] = 2.0
+    prox: Annotated[float, Field(ge=0, le=1e6)] = 0.01
+    #: First round after which models are transferred (early models teach little).
+    start_round: Annotated[int, Field(ge=1, le=100_000)] = 1
+    #: Synthetic inputs per class and inversion steps (``source`` synthetic or both).
+    synthetic_per_class: Annotated[int, Field(ge=1, le=10_000)] = 10
+    synthetic_steps: Annotated[int, Field(ge=1, le=100_000)] = 100
+
+
+class TiersStrategy(StrictModel):
+    """``server.strategy: {kind: tiers}``: clients declare a hardware profile (memory,
+    compute, bandwidth: simulated from ``devices`` and ``memory_*``), are grouped by a
+    capacity score into ``tiers`` (ordered smallest model first) by ``rule`` (``quantiles``
+    of the score, equal counts by default, or absolute ``thresholds`` on it); each tier runs
+    its own federation of a width variant of ``model``; a tier below
+    ``aggregation.min_cohort`` is merged into a neighbour and trains the smaller model."""
+
+    kind: Literal["tiers"] = "tiers"
+    devices: DevicePopulationConfig = Field(default_factory=DevicePopulationConfig)
+    #: Device memory in MiB, log-normal around the median.
+    memory_median: PositiveFloat = 2048.0
+    memory_sigma: Annotated[float, Field(ge=0, le=5)] = 1.0
+    rule: Literal["quantiles", "thresholds"] = "quantiles"
+    #: ``len(tiers) - 1`` increasing cut points: quantiles in (0, 1) of the capacity score
+    #: (None: equal counts), or score thresholds (required with ``thresholds``).
+    cuts: list[float] | None = None
+    tiers: Annotated[list[TierConfig], Field(min_length=1, max_length=8)] = Field(
+        default_factory=lambda: [
+            TierConfig(name="small", width=0.25),
+            TierConfig(name="medium", width=0.5),
+            TierConfig(name="large", width=1.0),
+        ]
+    )
+    #: Fraction of a tier's available members that train each round (at least
+    #: ``aggregation.min_cohort``).
+    fraction: Probability = 1.0
+    #: Cross-tier knowledge transfer (None: the tiers never exchange knowledge).
+    transfer: TierTransferConfig | None = Field(default_factory=TierTransferConfig)
+
+    @model_validator(mode="after")
+    def _tiers_are_ordered(self) -> TiersStrategy:
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"server.strategy.tiers names must be distinct, got {names}")
+        widths = [t.width for t in self.tiers]
+        if any(widths[i + 1] <= widths[i] for i in range(len(widths) - 1)):
+            raise ValueError(
+                f"server.strategy.tiers widths must increase (smallest model first), got {widths}"
+            )
+        if self.cuts is None:
+            if self.rule == "thresholds" and len(self.tiers) > 1:
+                raise ValueError("server.strategy.rule 'thresholds' needs server.strategy.cuts")
+            return self
+        if len(self.cuts) != len(self.tiers) - 1:
+            raise ValueError(
+                f"server.strategy.cuts has {len(self.cuts)} values; allowed exactly "
+                f"len(tiers) - 1 = {len(self.tiers) - 1}"
+            )
+        if any(self.cuts[i + 1] <= self.cuts[i] for i in range(len(self.cuts) - 1)):
+            raise ValueError(f"server.strategy.cuts must increase, got {self.cuts}")
+        if self.rule == "quantiles" and not all(0 < c < 1 for c in self.cuts):
+            raise ValueError(f"server.strategy.cuts are quantiles: allowed (0, 1), got {self.cuts}")
+        return self
+
+
+#: ``server.strategy``: tagged by ``kind``.
+Strategy = Annotated[SchedulerStrategy | TiersStrategy | PoolStrategy, Field(discriminator="kind")]
 
 
 class ServerConfig(StrictModel):
@@ -988,7 +1132,7 @@ def _format_location(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "<root>"
 
 
-_TAGS = {"iid", "dirichlet", "shards", "quantity", "fixed", "poisson", "scheduler"}
+_TAGS = {"iid", "dirichlet", "shards", "quantity", "fixed", "poisson", "scheduler", "tiers", "pool"}
 
 
 def _describe(error: Any) -> str:
