@@ -197,8 +197,11 @@ def _run_strategy(
 ) -> RunResult:
     """Several tasks over one device population (``server.strategy``, secfl.strategies)."""
     from secfl.strategies.multitask import run_scheduled
+    from secfl.strategies.tiers_run import run_tiers
 
-    history, models, stopped = run_scheduled(
+    strategy = config.server.strategy
+    run_strategy = run_tiers if strategy is not None and strategy.kind == "tiers" else run_scheduled
+    history, models, stopped = run_strategy(
         config,
         folder,
         randomness,

@@ -1,0 +1,448 @@
+"""The hardware-tiers run (``server.strategy: {kind: tiers}``; :mod:`secfl.strategies.tiers`).
+
+Every tier is a task of the multi-task machinery (:mod:`secfl.strategies.multitask`): an
+ordinary secfl federation over the run's data, with the tier's width variant of the model,
+whose server is handed the tier's participants each round. Each round, in order:
+
+1. every tier draws its cohort among its available members whose DP budget pays (at least
+   ``aggregation.min_cohort``, else the tier skips the round) and runs a secure round;
+2. cross-tier transfer: every tier that trained distils the other tiers' revealed
+   aggregates (those that have trained at least once) into its model on public inputs;
+3. every tier is evaluated, its ``round_completed`` logged and its clients' receipts issued
+   for the model that is broadcast next (after the transfer).
+
+``metrics.json`` rows carry each tier's row under ``tasks`` (so ``report.html`` draws one
+accuracy line per tier) plus the transfer's disagreement before and after; one checkpoint
+holds everything, and the tier layout is recomputed from the design seed on resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+from tqdm import tqdm
+
+from secfl.audit.events import EventLog, register_event
+from secfl.config import FixedSampling, RunConfig, SchedulerTaskConfig, TiersStrategy
+from secfl.encode.flatten import load_parameters, model_hash
+from secfl.errors import ConfigError
+from secfl.models import build_model
+from secfl.randomness import Randomness
+from secfl.record import rundir
+from secfl.record.checkpoint import Checkpoint, write_checkpoint
+from secfl.refine.inversion import InversionSettings, invert
+from secfl.strategies.multitask import (
+    StrategyRun,
+    TaskFederation,
+    _checkpoint,
+    _finish,
+    _restore,
+    build_task,
+)
+from secfl.strategies.tiers import (
+    HardwareProfiles,
+    Tier,
+    assign_tiers,
+    capacity_score,
+    cohort_size,
+    draw_profiles,
+    ensemble_disagreement,
+    merge_tiers,
+    parameter_count,
+    scaled_model_config,
+    transfer_between_tiers,
+)
+
+register_event("tiers_started", ("tiers", "clients", "min_cohort", "transfer"))
+register_event("tiers_transfer", ("round", "learners", "teachers", "inputs", "disagreement"))
+
+
+def check_tiers_config(config: RunConfig) -> TiersStrategy:
+    strategy = config.server.strategy
+    if not isinstance(strategy, TiersStrategy):
+        raise ConfigError("server.strategy must be {kind: tiers} for a hardware-tiers run")
+    refused = [
+        key
+        for key, value in (
+            ("adversary", config.adversary),
+            ("trust", config.trust),
+            ("refine", config.refine),
+            ("privacy.user_level", config.privacy.user_level),
+        )
+        if value is not None
+    ]
+    if refused:
+        # user-level noise plans for a fixed cohort over all clients; a tier's is smaller
+        raise ConfigError(f"server.strategy 'tiers' does not support {refused} yet; remove them")
+    if config.server.sampling != FixedSampling():
+        raise ConfigError(
+            "server.sampling is not used with server.strategy 'tiers' (each tier draws its "
+            "cohort: server.strategy.fraction); leave it unset"
+        )
+    if config.simulation.transport != "inprocess":
+        raise ConfigError(
+            "server.strategy 'tiers' runs its tiers in process; simulation.transport "
+            f"{config.simulation.transport!r} is not supported: allowed inprocess"
+        )
+    if config.data.num_clients != strategy.devices.count:
+        raise ConfigError(
+            f"data.num_clients={config.data.num_clients} must equal "
+            f"server.strategy.devices.count={strategy.devices.count} (one profile per client)"
+        )
+    transfer = strategy.transfer
+    if transfer is not None and transfer.source != "synthetic" and config.data.shared.per_class < 1:
+        raise ConfigError(
+            f"server.strategy.transfer.source={transfer.source!r} distils on the public shared "
+            "set; it needs data.shared.per_class >= 1 (or source: synthetic)"
+        )
+    return strategy
+
+
+def tier_layout(
+    config: RunConfig, strategy: TiersStrategy, randomness: Randomness
+) -> tuple[HardwareProfiles, list[Tier]]:
+    """The clients' profiles and the tiers that run (merged to ``min_cohort``)."""
+    profiles = draw_profiles(strategy, randomness)
+    tier_of = assign_tiers(
+        capacity_score(profiles, strategy),
+        rule=strategy.rule,
+        cuts=strategy.cuts,
+        tiers=len(strategy.tiers),
+    )
+    return profiles, merge_tiers(
+        tier_of, tiers=len(strategy.tiers), min_cohort=config.aggregation.min_cohort
+    )
+
+
+def run_tiers(
+    config: RunConfig,
+    folder: Path,
+    randomness: Randomness,
+    events: EventLog,
+    checkpoint: Checkpoint | None,
+    *,
+    progress: bool,
+    clock: Callable[[], float] = time.time,
+    stop_after: int | None,
+) -> tuple[list[dict[str, Any]], dict[str, nn.Module], str | None]:
+    """Run (or continue) the tiered federation; returns the history, each tier's final
+    model (by the name of the variant it trains) and why it stopped early (None)."""
+    strategy = check_tiers_config(config)
+    profiles, tiers = tier_layout(config, strategy, randomness)
+    specs = [strategy.tiers[t.variant] for t in tiers]
+    tasks = [
+        build_task(
+            config,
+            SchedulerTaskConfig(
+                name=spec.name,
+                data=config.data,
+                model=scaled_model_config(config.model, spec.width),
+                client=config.client,
+                devices_per_round=max(
+                    config.aggregation.min_cohort,
+                    cohort_size(
+                        len(tier.members),
+                        fraction=strategy.fraction,
+                        min_cohort=config.aggregation.min_cohort,
+                    ),
+                ),
+            ),
+            folder,
+            randomness,
+            events,
+            fresh=checkpoint is None,
+            clock=clock,
+        )
+        for tier, spec in zip(tiers, specs, strict=True)
+    ]
+    # teacher copies of each tier's model: students must not change a teacher mid-transfer
+    teachers = [build_model(t.config.model, t.data.input_shape, t.data.num_classes) for t in tasks]
+    times = [t.workload.device_times(profiles.population) for t in tasks]
+    state = StrategyRun(participation=np.zeros(profiles.count, dtype=np.int64), history=[])
+    first_round = 1
+    if checkpoint is None:
+        events.emit(
+            "run_started",
+            config_fingerprint=config.fingerprint(),
+            randomness=randomness.mode,
+            secure=randomness.secure,
+            protection=config.aggregation.protection,
+        )
+        if not randomness.secure:
+            events.emit(
+                "insecure_randomness",
+                mode=randomness.mode,
+                reason="security.randomness=seeded: keys, masks and noise are reproducible "
+                "from the seed; simulation and tests only",
+            )
+        events.emit(
+            "tiers_started",
+            tiers={
+                task.name: {
+                    "width": spec.width,
+                    "members": list(tier.members),
+                    "merged": [strategy.tiers[k].name for k in tier.merged],
+                    "parameters": parameter_count(task.model),
+                    "upload_bytes": task.workload.upload_bytes,
+                    "max_device_time_s": float(np.max(time_[list(tier.members)])),
+                    "min_memory_mib": float(np.min(profiles.memory_mib[list(tier.members)])),
+                }
+                for task, tier, spec, time_ in zip(tasks, tiers, specs, times, strict=True)
+            },
+            clients=profiles.count,
+            min_cohort=config.aggregation.min_cohort,
+            transfer=None if strategy.transfer is None else strategy.transfer.model_dump(),
+        )
+    else:
+        _restore(checkpoint, tasks, state)
+        first_round = checkpoint.round + 1
+        events.emit("run_resumed", from_round=checkpoint.round)
+
+    bar = tqdm(total=config.rounds, initial=first_round - 1, disable=not progress, unit="round")
+    done = 0
+    try:
+        for round_index in range(first_round, config.rounds + 1):
+            if stop_after is not None and done >= stop_after:
+                break
+            started = clock()
+            row = _run_tiered_round(
+                config, strategy, round_index, profiles, tiers, tasks, teachers, times, state,
+                randomness, events, checkpoint is not None and round_index == first_round,
+            )  # fmt: skip
+            row["time_s"] = clock() - started
+            state.history.append(row)
+            digest = write_checkpoint(folder, _checkpoint(config, round_index, tasks, state))
+            events.emit("checkpoint_written", round=round_index, sha256=digest)
+            events.sync()
+            rundir.write_metrics(folder, state.history)
+            bar.update(1)
+            bar.set_postfix(acc=f"{row['accuracy']:.3f}")
+            done += 1
+    finally:
+        bar.close()
+        for task in tasks:
+            task.events.close()
+
+    models: dict[str, nn.Module] = {}
+    for task in tasks:
+        load_parameters(task.model, task.server.weights)
+        models[task.name] = task.model
+    if state.history and state.history[-1]["round"] == config.rounds:
+        _finish(config, folder, tasks, state, randomness, events)
+    return state.history, models, None
+
+
+def _cohort(
+    strategy: TiersStrategy,
+    tier: Tier,
+    task: TaskFederation,
+    available: np.ndarray,
+    round_index: int,
+    randomness: Randomness,
+    min_cohort: int,
+) -> tuple[int, ...]:
+    """A uniform draw of the tier's cohort among its available members that can pay."""
+    payable = task.can_pay(round_index)
+    candidates = [m for m in tier.members if available[m] and payable[m]]
+    size = cohort_size(len(candidates), fraction=strategy.fraction, min_cohort=min_cohort)
+    stream = randomness.stream("strategy.tiers.cohort", round_index=round_index, party=task.name)
+    order = stream.permutation(len(candidates))
+    return tuple(sorted(candidates[int(i)] for i in order[:size]))
+
+
+def _run_tiered_round(
+    config: RunConfig,
+    strategy: TiersStrategy,
+    round_index: int,
+    profiles: HardwareProfiles,
+    tiers: list[Tier],
+    tasks: list[TaskFederation],
+    teachers: list[nn.Module],
+    times: list[np.ndarray],
+    state: StrategyRun,
+    randomness: Randomness,
+    events: EventLog,
+    resumed: bool,
+) -> dict[str, Any]:
+    from secfl.runner import _attempt_for, round_row
+
+    min_cohort = config.aggregation.min_cohort
+    available = profiles.population.available(randomness, round_index)
+    rows: dict[str, dict[str, Any]] = {}
+    outcomes: dict[int, Any] = {}
+    for k, (tier, task) in enumerate(zip(tiers, tasks, strict=True)):
+        cohort = _cohort(strategy, tier, task, available, round_index, randomness, min_cohort)
+        reason = None
+        if len(cohort) < min_cohort:
+            reason = f"cohort {len(cohort)} below aggregation.min_cohort={min_cohort}"
+        elif task.privacy.enabled and task.privacy.check_round(round_index) is not None:
+            reason = f"privacy budget: {task.privacy.stopped}"
+        if reason is not None:
+            events.emit(
+                "strategy_task_skipped",
+                round=round_index,
+                task=task.name,
+                cohort=len(cohort),
+                min_cohort=min_cohort,
+                reason=reason,
+            )
+            task.rounds_skipped += 1
+            rows[task.name] = {
+                "round": round_index,
+                "skipped": reason,
+                "participants": 0,
+                "round_time_s": 0.0,
+                "clock_s": task.clock_s,
+            }
+            continue
+        attempt = _attempt_for(round_index, task.events, randomness) if resumed else 0
+        outcome = task.server.run_round(round_index, attempt, participants=cohort)
+        if task.privacy.enabled:
+            task.privacy.record_round(outcome)
+        state.participation[list(cohort)] += 1
+        round_time = float(np.max(times[k][list(cohort)]))
+        task.clock_s += round_time
+        task.rounds_run += 1
+        row = round_row(outcome)
+        agg = outcome.aggregate
+        if agg is not None and agg.train_loss is not None:
+            row["train_loss"] = agg.train_loss
+        row["round_time_s"] = round_time
+        row["clock_s"] = task.clock_s
+        rows[task.name] = row
+        outcomes[k] = outcome
+
+    transfer = _transfer(
+        config, strategy, round_index, tasks, teachers, sorted(outcomes), randomness
+    )
+    if transfer is not None:
+        events.emit("tiers_transfer", round=round_index, **transfer)
+
+    every = config.evaluation.every
+    evaluate_now = round_index % every == 0 or round_index == config.rounds
+    for k, task in enumerate(tasks):
+        row = rows[task.name]
+        if evaluate_now:
+            row.update(task.measure())
+        else:
+            row.update({"accuracy": float("nan"), "loss": float("nan")})
+        if transfer is not None and task.name in transfer["disagreement"]:
+            row["transfer_kl_before"], row["transfer_kl_after"] = transfer["disagreement"][
+                task.name
+            ]
+        if k not in outcomes:
+            continue
+        outcome = outcomes[k]
+        agg = outcome.aggregate
+        task.events.emit(
+            "round_completed",
+            round=round_index,
+            attempt=outcome.attempt,
+            survivors=list(agg.survivors) if agg else [],
+            accuracy=row["accuracy"],
+            loss=row["loss"],
+            model_hash=model_hash(task.server.weights).hex(),
+        )
+        # after the transfer: the receipt names the model that is broadcast next
+        task.receipts.issue(outcome, task.server.weights)
+        task.events.sync()
+    accuracies = [r["accuracy"] for r in rows.values()]
+    return {
+        "round": round_index,
+        # the headline: the mean over tiers (each tier's row is under tasks)
+        "accuracy": float(np.mean(accuracies)),
+        "loss": float(np.mean([r["loss"] for r in rows.values()])),
+        "participants": int(sum(r["participants"] for r in rows.values())),
+        "available": int(available.sum()),
+        "tasks": rows,
+    }
+
+
+def _transfer(
+    config: RunConfig,
+    strategy: TiersStrategy,
+    round_index: int,
+    tasks: list[TaskFederation],
+    teachers: list[nn.Module],
+    trained: list[int],
+    randomness: Randomness,
+) -> dict[str, Any] | None:
+    """Distil the other tiers into every tier that trained this round; None when there is
+    nothing to transfer (no transfer configured, too early, fewer than two trained tiers)."""
+    settings = strategy.transfer
+    if settings is None or round_index < settings.start_round or not trained:
+        return None
+    ready = [k for k, t in enumerate(tasks) if t.rounds_run > 0]
+    learners = [k for k in trained if len([j for j in ready if j != k]) >= 1]
+    if len(ready) < 2 or not learners:
+        return None
+    for k in ready:
+        load_parameters(teachers[k], tasks[k].server.weights)
+    inputs = []
+    if settings.source in ("shared", "both"):
+        inputs.append(tasks[0].data.shared.x)
+    if settings.source in ("synthetic", "both"):
+        data = tasks[0].data
+        synthetic = invert(
+            [teachers[k] for k in ready],
+            input_shape=data.input_shape,
+            classes=list(range(data.num_classes)),
+            settings=InversionSettings(
+                per_class=settings.synthetic_per_class,
+                steps=settings.synthetic_steps,
+                feature_stats=0.0,
+            ),
+            stream=randomness.stream("strategy.tiers.inversion", round_index=round_index),
+        )
+        inputs.append(synthetic.x)
+    x = np.concatenate([np.asarray(a, dtype=np.float32) for a in inputs])
+    # only the tiers that have a model worth learning from take part, as teachers and students
+    index = {k: i for i, k in enumerate(ready)}
+    students = [
+        build_model(tasks[k].config.model, tasks[k].data.input_shape, tasks[k].data.num_classes)
+        for k in ready
+    ]
+    weights = [tasks[k].server.weights for k in ready]
+    before = {
+        tasks[k].name: ensemble_disagreement(
+            teachers[k], [teachers[j] for j in ready if j != k], x, temperature=settings.temperature
+        )
+        for k in learners
+    }
+    new = transfer_between_tiers(
+        students,
+        [teachers[k] for k in ready],
+        weights,
+        x,
+        settings=settings,
+        streams=[
+            randomness.stream(
+                "strategy.tiers.transfer", round_index=round_index, party=tasks[k].name
+            )
+            for k in ready
+        ],
+        learners=[index[k] for k in learners],
+    )
+    disagreement: dict[str, list[float]] = {}
+    for k in learners:
+        load_parameters(students[index[k]], new[index[k]])
+        after = ensemble_disagreement(
+            students[index[k]],
+            [teachers[j] for j in ready if j != k],
+            x,
+            temperature=settings.temperature,
+        )
+        disagreement[tasks[k].name] = [before[tasks[k].name], after]
+    for k in learners:
+        tasks[k].server.weights[...] = new[index[k]]
+    return {
+        "learners": [tasks[k].name for k in learners],
+        "teachers": [tasks[k].name for k in ready],
+        "inputs": len(x),
+        "disagreement": disagreement,
+    }
