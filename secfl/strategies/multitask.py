@@ -150,9 +150,12 @@ def build_task(
     *,
     fresh: bool,
     clock: Callable[[], float] = time.time,
+    model_builder: Callable[[FederatedData, bool], nn.Module] | None = None,
 ) -> TaskFederation:
     """A task's federation, wired like ``secfl.run`` wires one (no adversary, trust or
-    refinement: the configuration refuses them with a strategy)."""
+    refinement: the configuration refuses them with a strategy). ``model_builder(data,
+    initial)`` replaces the task's model (``initial``: the round-0 global model, seeded
+    initialisation; otherwise a client's template, whose weights are overwritten)."""
     from secfl.runner import _receipt_book, initial_model, make_protection
 
     cfg = task_config(config, task)
@@ -166,13 +169,18 @@ def build_task(
     )
     data = build_federated_data(cfg.data, randomness)
     privacy = PrivacyRecorder(cfg, [len(c) for c in data.clients], task_folder, task_events)
-    template = privacy.prepare_model(lambda: initial_model(cfg, data, randomness), notify=fresh)()
+    build: Callable[[FederatedData, bool], nn.Module] = model_builder or (
+        lambda d, initial: (
+            initial_model(cfg, d, randomness)
+            if initial
+            else build_model(cfg.model, d.input_shape, d.num_classes)
+        )
+    )
+    template = privacy.prepare_model(lambda: build(data, True), notify=fresh)()
     weights = flatten_parameters(template)
     user_level = user_level_mechanism(cfg, weights.size)
     privacy.attach_mechanism(user_level)
-    model_factory = privacy.prepare_model(
-        lambda: build_model(cfg.model, data.input_shape, data.num_classes)
-    )
+    model_factory = privacy.prepare_model(lambda: build(data, False))
     clients = [
         ClientApp(
             i,

@@ -1,0 +1,556 @@
+"""The random model sharing pool (CN119005361B, claims S401-S406; ``server.strategy:
+{kind: pool}``).
+
+A pool of base models (architectures and initialisations from the config). Each round:
+
+1. the round's participants (every client, or ``participants_per_round`` drawn uniformly)
+   advertise fresh pool keys, the server derives from them which models are drawn and who
+   trains which (:mod:`secfl.strategies.pool_assign`), and every participant verifies its
+   assignment before training (a mismatch raises :class:`PoolAssignmentError`);
+2. each drawn model is an ordinary secfl federation (:func:`secfl.strategies.multitask.
+   build_task`) that runs its round over its own cohort, at least ``aggregation.min_cohort``
+   participants, in the configured protection mode;
+3. every trained model is evaluated on the test split and its convergence test updated
+   (:mod:`secfl.strategies.pool_select`); once all have converged (``stop_when_converged``)
+   or the rounds are over, the acceptable set and the elimination rule pick the shared
+   models (``pool.json`` and the ``pool_finished`` event).
+
+Message sizes: every base model's parameter vector is padded with frozen zeros to the
+largest model's size (:class:`PaddedModel`), so the broadcast, the update and every
+protocol message of a participant have the same length whichever model it trains; the
+padding's update is exactly zero, so it changes nothing in the sum. The cost: a small
+model's participant sends as much as the largest model's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from secfl.audit.events import EventLog, register_event
+from secfl.client.trainer import evaluate
+from secfl.config import (
+    FixedSampling,
+    PoolModelConfig,
+    PoolStrategy,
+    RunConfig,
+    SchedulerTaskConfig,
+)
+from secfl.data.federated import FederatedData
+from secfl.encode.flatten import load_parameters, model_hash
+from secfl.errors import ConfigError
+from secfl.models import build_model
+from secfl.randomness import Randomness
+from secfl.record import rundir
+from secfl.record.checkpoint import Checkpoint, write_checkpoint
+from secfl.record.report import write_report
+from secfl.strategies.multitask import TaskFederation, build_task
+from secfl.strategies.pool_assign import PoolAssignment, PoolParticipant, assign
+from secfl.strategies.pool_select import Candidate, eliminate, has_converged
+
+register_event("pool_started", ("models", "parameters", "padded_to", "models_per_round"))
+register_event("pool_assignment", ("round", "attempt", "seed_inputs", "drawn", "cohorts"))
+register_event("pool_round_skipped", ("round", "participants", "min_cohort", "reason"))
+register_event("pool_finished", ("converged", "acceptable", "shared", "eliminated"))
+
+POOL_NAME = "pool.json"
+
+
+class PaddedModel(nn.Module):
+    """``inner`` plus a frozen zero parameter that pads its parameter vector to ``size``
+    (appended last, so the flattened vector is the inner model's followed by zeros)."""
+
+    def __init__(self, inner: nn.Module, size: int) -> None:
+        super().__init__()
+        own = sum(int(p.numel()) for p in inner.parameters())
+        if size < own:
+            raise ConfigError(f"cannot pad a model of {own} parameters to {size}")
+        self.inner = inner
+        self.padding = nn.Parameter(torch.zeros(size - own), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def parameter_count(spec: PoolModelConfig, data: FederatedData) -> int:
+    model = build_model(spec.model, data.input_shape, data.num_classes)
+    return sum(int(p.numel()) for p in model.parameters())
+
+
+def model_builder(
+    spec: PoolModelConfig, index: int, size: int, randomness: Randomness
+) -> Callable[[FederatedData, bool], nn.Module]:
+    """Builds base model ``spec`` padded to ``size``; the initial model is seeded from the
+    design stream ``model.init`` under the party ``pool-init-<init_seed>``, so entries with
+    one architecture and different ``init_seed`` start from different weights."""
+    init_seed = index if spec.init_seed is None else spec.init_seed
+
+    def build(data: FederatedData, initial: bool) -> nn.Module:
+        if not initial:
+            return PaddedModel(build_model(spec.model, data.input_shape, data.num_classes), size)
+        seed = randomness.stream("model.init", party=f"pool-init-{init_seed}").seed_int()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            inner = build_model(spec.model, data.input_shape, data.num_classes)
+        return PaddedModel(inner, size)
+
+    return build
+
+
+def check_pool_config(config: RunConfig) -> PoolStrategy:
+    strategy = config.server.strategy
+    if not isinstance(strategy, PoolStrategy):
+        raise ConfigError("server.strategy must be {kind: pool} for a model-pool run")
+    refused = [
+        key
+        for key, value in (
+            ("adversary", config.adversary),
+            ("trust", config.trust),
+            ("refine", config.refine),
+            ("privacy.sample_level", config.privacy.sample_level),
+            ("privacy.user_level", config.privacy.user_level),
+        )
+        if value is not None
+    ]
+    if refused:
+        # DP: a client's data trains several base models over the rounds, so one ledger
+        # per client across the pool is needed first; trust per cohort is not built yet.
+        raise ConfigError(f"server.strategy 'pool' does not support {refused} yet; remove them")
+    if config.server.sampling != FixedSampling():
+        raise ConfigError(
+            "server.sampling is not used with server.strategy 'pool' (use "
+            "server.strategy.participants_per_round); leave it unset"
+        )
+    if config.simulation.transport != "inprocess":
+        raise ConfigError(
+            f"server.strategy 'pool' runs in process; simulation.transport "
+            f"{config.simulation.transport!r} is not supported: allowed inprocess"
+        )
+    per_round = strategy.participants_per_round or config.data.num_clients
+    if per_round > config.data.num_clients:
+        raise ConfigError(
+            f"server.strategy.participants_per_round={per_round} exceeds data.num_clients="
+            f"{config.data.num_clients}"
+        )
+    if per_round < config.aggregation.min_cohort:
+        raise ConfigError(
+            f"server.strategy.participants_per_round={per_round} is below "
+            f"aggregation.min_cohort={config.aggregation.min_cohort}: no model could be "
+            "trained; allowed >= min_cohort"
+        )
+    return strategy
+
+
+@dataclass(eq=False)
+class PoolState:
+    """Between rounds (checkpointed): the history and each model's test errors."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    errors: dict[str, list[float]] = field(default_factory=dict)
+    rounds_trained: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Pool:
+    """The base models' federations and the participants' pool-stage state."""
+
+    strategy: PoolStrategy
+    models: list[TaskFederation]
+    parameters: dict[str, int]
+    padded_to: int
+    participants: dict[int, PoolParticipant]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def by_name(self, name: str) -> TaskFederation:
+        return self.models[self.names.index(name)]
+
+
+def build_pool(
+    config: RunConfig,
+    folder: Path,
+    randomness: Randomness,
+    events: EventLog,
+    *,
+    fresh: bool,
+    clock: Callable[[], float] = time.time,
+) -> Pool:
+    """One federation per base model (its folder ``tasks/NAME``), padded to one size."""
+    strategy = check_pool_config(config)
+    per_round = strategy.participants_per_round or config.data.num_clients
+    specs = [
+        SchedulerTaskConfig(
+            name=m.name,
+            data=config.data,
+            model=m.model,
+            client=config.client,
+            privacy=None,
+            devices_per_round=per_round,
+        )
+        for m in strategy.models
+    ]
+    from secfl.data.federated import build_federated_data
+
+    probe = build_federated_data(config.data, randomness)
+    parameters = {m.name: parameter_count(m, probe) for m in strategy.models}
+    size = max(parameters.values())
+    models = [
+        build_task(
+            config,
+            spec,
+            folder,
+            randomness,
+            events,
+            fresh=fresh,
+            clock=clock,
+            model_builder=model_builder(m, i, size, randomness),
+        )
+        for i, (spec, m) in enumerate(zip(specs, strategy.models, strict=True))
+    ]
+    names = [m.name for m in strategy.models]
+    participants = {
+        i: PoolParticipant(
+            i,
+            randomness,
+            models=names,
+            models_per_round=strategy.models_per_round,
+            min_cohort=config.aggregation.min_cohort,
+        )
+        for i in range(config.data.num_clients)
+    }
+    return Pool(strategy, models, parameters, size, participants)
+
+
+def draw_participants(
+    config: RunConfig, strategy: PoolStrategy, randomness: Randomness, round_index: int
+) -> list[int]:
+    n = config.data.num_clients
+    if strategy.participants_per_round is None:
+        return list(range(n))
+    stream = randomness.stream("strategy.pool.participants", round_index=round_index)
+    return sorted(int(i) for i in stream.permutation(n)[: strategy.participants_per_round])
+
+
+def assign_round(
+    pool: Pool,
+    round_index: int,
+    attempt: int,
+    participants: list[int],
+    min_cohort: int,
+    *,
+    tamper: Callable[[PoolAssignment], PoolAssignment] | None = None,
+) -> tuple[PoolAssignment, dict[int, str]]:
+    """The pool stage of a round: adverts, the server's assignment (``tamper``: tests
+    emulate a cheating server), each participant's verification (raises on a mismatch)."""
+    adverts = [pool.participants[i].advertise(round_index, attempt) for i in participants]
+    assignment = assign(
+        round_index,
+        attempt,
+        [(a.client_id, a.key) for a in adverts],
+        pool.names,
+        models_per_round=pool.strategy.models_per_round,
+        min_cohort=min_cohort,
+    )
+    if tamper is not None:
+        assignment = tamper(assignment)
+    accepted = {i: pool.participants[i].verify(assignment) for i in participants}
+    return assignment, accepted
+
+
+def run_pool(
+    config: RunConfig,
+    folder: Path,
+    randomness: Randomness,
+    events: EventLog,
+    checkpoint: Checkpoint | None,
+    *,
+    progress: bool,
+    clock: Callable[[], float] = time.time,
+    stop_after: int | None,
+) -> tuple[list[dict[str, Any]], dict[str, nn.Module], str | None]:
+    """Run (or continue from ``checkpoint``) the pool; returns the history, each base
+    model's final model (the padded wrapper) and why it stopped early (None)."""
+    pool = build_pool(config, folder, randomness, events, fresh=checkpoint is None, clock=clock)
+    strategy = pool.strategy
+    state = PoolState(errors={n: [] for n in pool.names}, rounds_trained={n: 0 for n in pool.names})
+    first_round = 1
+    if checkpoint is None:
+        events.emit(
+            "run_started",
+            config_fingerprint=config.fingerprint(),
+            randomness=randomness.mode,
+            secure=randomness.secure,
+            protection=config.aggregation.protection,
+        )
+        if not randomness.secure:
+            events.emit(
+                "insecure_randomness",
+                mode=randomness.mode,
+                reason="security.randomness=seeded: keys, masks and noise are reproducible "
+                "from the seed; simulation and tests only",
+            )
+        events.emit(
+            "pool_started",
+            models=pool.names,
+            parameters=pool.parameters,
+            padded_to=pool.padded_to,
+            models_per_round=strategy.models_per_round,
+        )
+    else:
+        _restore(checkpoint, pool, state)
+        first_round = checkpoint.round + 1
+        events.emit("run_resumed", from_round=checkpoint.round)
+
+    stopped: str | None = None
+    if state.history and all_converged(strategy, state):
+        stopped = "every base model has converged"
+    bar = tqdm(total=config.rounds, initial=first_round - 1, disable=not progress, unit="round")
+    done = 0
+    try:
+        for round_index in range(first_round, config.rounds + 1):
+            if stopped is not None or (stop_after is not None and done >= stop_after):
+                break
+            started = clock()
+            resumed = checkpoint is not None and round_index == first_round
+            row = _run_pool_round(config, round_index, pool, state, randomness, events, resumed)
+            row["time_s"] = clock() - started
+            state.history.append(row)
+            digest = write_checkpoint(folder, _checkpoint(config, round_index, pool, state))
+            events.emit("checkpoint_written", round=round_index, sha256=digest)
+            events.sync()
+            rundir.write_metrics(folder, state.history)
+            bar.update(1)
+            done += 1
+            if strategy.stop_when_converged and all_converged(strategy, state):
+                stopped = "every base model has converged"
+    finally:
+        bar.close()
+        for fed in pool.models:
+            fed.events.close()
+
+    models: dict[str, nn.Module] = {}
+    for fed in pool.models:
+        load_parameters(fed.model, fed.server.weights)
+        models[fed.name] = fed.model
+    finished = state.history and (
+        state.history[-1]["round"] == config.rounds or stopped is not None
+    )
+    if finished:
+        _finish(config, folder, pool, state, randomness, events)
+    return state.history, models, stopped
+
+
+def all_converged(strategy: PoolStrategy, state: PoolState) -> bool:
+    return all(converged(strategy, errors) for errors in state.errors.values())
+
+
+def converged(strategy: PoolStrategy, errors: list[float]) -> bool:
+    c = strategy.convergence
+    return has_converged(errors, error_bound=c.error_bound, tolerance=c.tolerance, window=c.window)
+
+
+def _run_pool_round(
+    config: RunConfig,
+    round_index: int,
+    pool: Pool,
+    state: PoolState,
+    randomness: Randomness,
+    events: EventLog,
+    resumed: bool,
+) -> dict[str, Any]:
+    from secfl.runner import _attempt_for, round_row
+
+    min_cohort = config.aggregation.min_cohort
+    participants = draw_participants(config, pool.strategy, randomness, round_index)
+    attempt = _attempt_for(round_index, pool.models[0].events, randomness) if resumed else 0
+    assignment, _ = assign_round(pool, round_index, attempt, participants, min_cohort)
+    events.emit(
+        "pool_assignment",
+        round=round_index,
+        attempt=attempt,
+        seed_inputs={str(i): key.hex() for i, key in assignment.adverts},
+        drawn=[pool.names[i] for i in assignment.drawn],
+        cohorts={
+            pool.names[i]: list(c)
+            for i, c in zip(assignment.drawn, assignment.cohorts, strict=True)
+        },
+    )
+    if not assignment.drawn:
+        events.emit(
+            "pool_round_skipped",
+            round=round_index,
+            participants=len(participants),
+            min_cohort=min_cohort,
+            reason="too few participants for one cohort",
+        )
+    rows: dict[str, dict[str, Any]] = {}
+    for index, cohort in zip(assignment.drawn, assignment.cohorts, strict=True):
+        fed = pool.models[index]
+        # never reached: assign() deals k <= n // min_cohort cohorts; kept as a fail-closed check
+        if len(cohort) < min_cohort:
+            raise ConfigError(f"pool cohort of {len(cohort)} is below min_cohort={min_cohort}")
+        outcome = fed.server.run_round(round_index, attempt, participants=cohort)
+        state.rounds_trained[fed.name] += 1
+        row = round_row(outcome)
+        agg = outcome.aggregate
+        if agg is not None and agg.train_loss is not None:
+            row["train_loss"] = agg.train_loss
+        every = config.evaluation.every
+        if round_index % every == 0 or round_index == config.rounds:
+            measured = fed.measure()
+            row.update(measured)
+            state.errors[fed.name].append(1.0 - measured["accuracy"])
+        else:
+            row.update({"accuracy": float("nan"), "loss": float("nan")})
+        row["cohort"] = len(cohort)
+        row["converged"] = converged(pool.strategy, state.errors[fed.name])
+        fed.events.emit(
+            "round_completed",
+            round=round_index,
+            attempt=attempt,
+            survivors=list(agg.survivors) if agg else [],
+            accuracy=row["accuracy"],
+            loss=row["loss"],
+            model_hash=model_hash(fed.server.weights).hex(),
+        )
+        fed.receipts.issue(outcome, fed.server.weights)
+        fed.events.sync()
+        rows[fed.name] = row
+    evaluated = [r["accuracy"] for r in rows.values() if math.isfinite(r["accuracy"])]
+    return {
+        "round": round_index,
+        # the headline: the mean over the models trained and evaluated this round
+        "accuracy": float(np.mean(evaluated)) if evaluated else float("nan"),
+        "loss": float(np.mean([r["loss"] for r in rows.values()])) if rows else float("nan"),
+        "participants": len(participants),
+        "drawn": [pool.names[i] for i in assignment.drawn],
+        "converged": [n for n in pool.names if converged(pool.strategy, state.errors[n])],
+        "models": rows,
+    }
+
+
+def final_selection(config: RunConfig, pool: Pool, state: PoolState) -> dict[str, Any]:
+    """S401/S405 on the final models, then the acceptable set and the elimination rule."""
+    strategy = pool.strategy
+    candidates = []
+    per_model: dict[str, Any] = {}
+    for fed in pool.models:
+        load_parameters(fed.model, fed.server.weights)
+        correct, loss = evaluate(fed.model, fed.data.test, batch_size=config.evaluation.batch_size)
+        size = pool.parameters[fed.name]
+        candidates.append(
+            Candidate(
+                name=fed.name,
+                correct=int(correct.sum()),
+                trials=int(correct.size),
+                architecture=json.dumps(fed.spec.model.model_dump(mode="json"), sort_keys=True),
+                weights=np.asarray(fed.server.weights[:size]),
+            )
+        )
+        per_model[fed.name] = {
+            "accuracy": float(correct.mean()),
+            "loss": float(loss),
+            "parameters": size,
+            "rounds_trained": state.rounds_trained[fed.name],
+            "converged": converged(strategy, state.errors[fed.name]),
+        }
+    accepted, shared, eliminated, intervals = eliminate(
+        candidates, confidence=strategy.confidence, duplicate_cosine=strategy.duplicate_cosine
+    )
+    for name, (lo, hi) in intervals.items():
+        per_model[name]["clopper_pearson"] = [lo, hi]
+    return {
+        "models": per_model,
+        "converged": [n for n in pool.names if per_model[n]["converged"]],
+        "acceptable": accepted,
+        "shared": shared,
+        "eliminated": eliminated,
+        "confidence": strategy.confidence,
+        "padded_to": pool.padded_to,
+    }
+
+
+def _checkpoint(config: RunConfig, round_index: int, pool: Pool, state: PoolState) -> Checkpoint:
+    arrays: dict[str, np.ndarray] = {}
+    for fed in pool.models:
+        arrays[f"{fed.name}.global"] = fed.server.weights
+        for key, value in fed.optimizer.state_dict().items():
+            arrays[f"{fed.name}.opt.{key}"] = value
+    return Checkpoint(
+        round=round_index,
+        config_fingerprint=config.fingerprint(),
+        arrays=arrays,
+        state={
+            "history": state.history,
+            "errors": state.errors,
+            "rounds_trained": state.rounds_trained,
+        },
+    )
+
+
+def _restore(checkpoint: Checkpoint, pool: Pool, state: PoolState) -> None:
+    state.history = list(checkpoint.state["history"])
+    state.errors = {k: [float(e) for e in v] for k, v in checkpoint.state["errors"].items()}
+    state.rounds_trained = {k: int(v) for k, v in checkpoint.state["rounds_trained"].items()}
+    for fed in pool.models:
+        fed.server.weights[...] = checkpoint.arrays[f"{fed.name}.global"]
+        prefix = f"{fed.name}.opt."
+        fed.optimizer.load_state_dict(
+            {k[len(prefix) :]: v for k, v in checkpoint.arrays.items() if k.startswith(prefix)}
+        )
+
+
+def _finish(
+    config: RunConfig,
+    folder: Path,
+    pool: Pool,
+    state: PoolState,
+    randomness: Randomness,
+    events: EventLog,
+) -> None:
+    selection = final_selection(config, pool, state)
+    for fed in pool.models:
+        rundir.write_model(
+            fed.folder,
+            fed.model,
+            metadata={
+                "model_hash": model_hash(fed.server.weights).hex(),
+                "config_fingerprint": fed.config.fingerprint(),
+            },
+        )
+    (folder / POOL_NAME).write_text(json.dumps(selection, indent=2, sort_keys=True))
+    rundir.write_metrics(folder, state.history)
+    write_report(
+        folder / rundir.REPORT_NAME,
+        config=config.to_dict(),
+        # the report draws one accuracy line per entry of ``tasks``: here, per base model
+        history=[
+            {**r, "tasks": {n: r["models"].get(n, {"accuracy": math.nan}) for n in pool.names}}
+            for r in state.history
+        ],
+        class_counts=pool.models[0].data.class_counts,
+        secure_randomness=randomness.secure,
+    )
+    events.emit(
+        "pool_finished",
+        converged=selection["converged"],
+        acceptable=selection["acceptable"],
+        shared=selection["shared"],
+        eliminated=selection["eliminated"],
+    )
+    final = state.history[-1]
+    events.emit(
+        "run_finished", rounds=final["round"], accuracy=final["accuracy"], loss=final["loss"]
+    )
