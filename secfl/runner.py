@@ -197,10 +197,12 @@ def _run_strategy(
 ) -> RunResult:
     """Several tasks over one device population (``server.strategy``, secfl.strategies)."""
     from secfl.strategies.multitask import run_scheduled
+    from secfl.strategies.pool import run_pool
     from secfl.strategies.tiers_run import run_tiers
 
     strategy = config.server.strategy
-    run_strategy = run_tiers if strategy is not None and strategy.kind == "tiers" else run_scheduled
+    kind = strategy.kind if strategy is not None else None
+    run_strategy = {"tiers": run_tiers, "pool": run_pool}.get(kind or "", run_scheduled)
     history, models, stopped = run_strategy(
         config,
         folder,
