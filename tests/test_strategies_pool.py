@@ -320,3 +320,14 @@ def test_unsupported_settings_are_refused(tmp_path: Path) -> None:
         _quiet_run(config_from_dict(raw), tmp_path / "x")
     with pytest.raises(ConfigError, match="models_per_round"):
         _config(models_per_round=4)
+
+
+def test_bench_smoke_reports_pool_keys() -> None:
+    from secfl.bench.pool import measure_pool
+
+    figures = measure_pool(quick=True, smoke=True)
+    per_seed = figures["details"]["per_seed"]["0"]
+    assert figures["pool_models_converged"] == len(per_seed["converged"])
+    assert figures["pool_acceptable_set_size"] == len(per_seed["acceptable"]) >= 1
+    assert set(per_seed["shared"]) <= set(per_seed["acceptable"])
+    assert per_seed["rounds_run"] == 3

@@ -240,10 +240,34 @@ def bench_strategies(settings: BenchSettings) -> dict[str, Any]:
             "workers": workers,
         }
     )
-    return {
+    report = {
         **{k: v for k, v in figures.items() if k != "details"},
         "kd_vs_plain_points": kd["kd_vs_plain_points"],
         "strategies_measured": ["scheduler", "kd"],
         "goals": {**GOALS, "kd_vs_plain_points": "reported"},
         "details": {**figures["details"], "kd": kd["details"]},
+    }
+    return add_pool(report, settings)
+
+
+# ---------------------------------------------------------------- random model sharing pool
+
+
+def add_pool(report: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+    """The pool's keys (:mod:`secfl.bench.pool`): ``pool_models_converged`` and
+    ``pool_acceptable_set_size``, reported (no goal), details under ``details.pool``."""
+    from secfl.bench.pool import measure_pool
+
+    pool = measure_pool(settings.quick, settings.smoke)
+    return {
+        **report,
+        "pool_models_converged": pool["pool_models_converged"],
+        "pool_acceptable_set_size": pool["pool_acceptable_set_size"],
+        "strategies_measured": [*report["strategies_measured"], "pool"],
+        "goals": {
+            **report["goals"],
+            "pool_models_converged": "reported",
+            "pool_acceptable_set_size": "reported",
+        },
+        "details": {**report["details"], "pool": pool["details"]},
     }
