@@ -827,8 +827,8 @@ class TrustDormantConfig(StrictModel):
     model only; ``masking``: under protection ``masking`` only, where a sub-cohort mean can
     hide an attacker's share in early rounds; ``always``; ``never``). ``flag_share``: flag
     a participant (mode ``none``) or sub-cohort (``masking``) whose update puts more than
-    this share of its norm on those weights (``null``: off; ``ckks`` reveals no per-client
-    vector, so only ``reset`` acts there)."""
+    this share of its norm on those weights (``null``: off); under ``ckks`` the share is
+    computed from a fourth released scalar, the squared norm on those weights."""
 
     reset: Literal["never", "masking", "always"] = "masking"
     flag_share: Annotated[float, Field(gt=0, le=1)] | None = 0.15
@@ -1064,7 +1064,7 @@ class RunConfig(StrictModel):
         if trust.defense != "vote":
             raise ValueError(
                 f"trust.defense={trust.defense!r} is not available under "
-                "aggregation.protection='ckks': the server sees three flooded scalars per "
+                "aggregation.protection='ckks': the server sees four flooded scalars per "
                 "client, not updates, so only the vote runs there; allowed: vote, none"
             )
         preset = self.aggregation.ckks.preset

@@ -208,7 +208,7 @@ def test_the_aggregation_preset_releases_no_trust_scalars(harness: Harness) -> N
     full scalar policy is in tests/test_trust_ckks.py)."""
     ux = harness.update(0, np.full(30, 0.2), 10)
     empty = np.zeros(0, dtype=np.float32)
-    reply = harness.ask(ScalarRequest(1, 0, "norm", ux, empty, b"", b"").to_bytes())
+    reply = harness.ask(ScalarRequest(1, 0, "norm", ux, empty, b"", b"", b"").to_bytes())
     assert "need aggregation.ckks.preset 'trust'" in _refusal(reply)
     assert not isinstance(reply, ScalarRelease)
 

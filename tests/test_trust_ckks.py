@@ -17,7 +17,7 @@ from secfl.crypto.sign import SigningKey
 from secfl.encode.flatten import flatten_parameters, model_hash
 from secfl.errors import ConfigError
 from secfl.he.client import encrypt_update
-from secfl.he.decryptor import Decryptor, DecryptorPolicy
+from secfl.he.decryptor import Decryptor, DecryptorPolicy, dormant_plaintexts, mask_bytes
 from secfl.he.messages import (
     CkksFitIns,
     EncryptedUpdate,
@@ -54,6 +54,10 @@ def _request(h: Harness, kind: str, update: bytes, **extra: Any) -> ScalarReques
         result = h.server.inner_product_plain(x, extra["reference"].astype(np.float64))
     elif kind == "norm":
         result = h.server.squared_norm(x)
+    elif kind == "dormant":
+        mask = np.frombuffer(extra["mask"], dtype=np.uint8).astype(bool)
+        _bits, plains = dormant_plaintexts(h.server, mask, 1.0)
+        result = h.server.masked_squared_norm(x, plains)
     else:
         result = h.server.inner_product(x, h.server.conjugates(_blobs(extra["other"])))
     return ScalarRequest(
@@ -63,33 +67,59 @@ def _request(h: Harness, kind: str, update: bytes, **extra: Any) -> ScalarReques
         update,
         extra.get("reference", EMPTY),
         extra.get("other", b""),
+        extra.get("mask", b""),
         ckks.scalar_digest(result),
     )
 
 
-def test_three_scalars_match_plaintext_within_the_flooding_bound_and_a_fourth_is_refused(
+def _mask300() -> np.ndarray:
+    """100 of 300 coordinates: 80 in packed pairs (beta = 0) and 20 unpaired (odd only)."""
+    mask = np.zeros(300, dtype=bool)
+    mask[:80] = True
+    mask[101:141:2] = True
+    return mask
+
+
+def test_four_scalars_match_plaintext_within_the_flooding_bound_and_a_fifth_is_refused(
     trust_harness: Harness,
 ) -> None:
     h = trust_harness
     rng = np.random.default_rng(5)
     x, y, ref = rng.uniform(-1, 1, (3, 300))
     ref32 = ref.astype(np.float32)
+    mask = _mask300()
     ux, uy = h.update(0, x, 10), h.update(1, y, 10)
-    expected = {"reference": float(x @ ref32), "norm": float(x @ x), "trusted": float(x @ y)}
+    expected = {
+        "reference": float(x @ ref32),
+        "norm": float(x @ x),
+        "trusted": float(x @ y),
+        "dormant": float(x[mask] @ x[mask]),
+    }
     requests = {
         "reference": _request(h, "reference", ux, reference=ref32),
         "norm": _request(h, "norm", ux),
         "trusted": _request(h, "trusted", ux, other=uy),
+        "dormant": _request(h, "dormant", ux, mask=mask_bytes(mask)),
     }
+    bits, plains = dormant_plaintexts(h.server, mask, 1.0)
+    assert 12 <= bits <= 20 and {p.index for p in plains} == {0}
+    # the encoded mask's own (public, deterministic) error: at most 1e-3 per weight
+    assert max(p.error for p in plains) < 1e-3
+    encoding = max(p.error for p in plains) * float(x @ x)
     for kind, request in requests.items():
         reply = h.ask(request.to_bytes())
         assert isinstance(reply, ScalarRelease), reply
-        # 8 sigma of flooding plus the CKKS error itself (far below it)
-        assert abs(reply.value - expected[kind]) <= 8 * reply.noise_sigma + 1e-9
+        # 8 sigma of flooding plus the CKKS error itself (far below it); the dormant scalar
+        # also carries the (public, deterministic) encoding error of its mask
+        slack = encoding if kind == "dormant" else 0.0
+        assert abs(reply.value - expected[kind]) <= 8 * reply.noise_sigma + slack + 1e-9
         assert reply.value != expected[kind]  # flooded
         assert 0 < reply.noise_sigma < 1e-4  # small enough for cosines at this d
-    fourth = h.ask(_request(h, "norm", ux).to_bytes())
-    assert "at most three per client per round" in _refusal(fourth)
+    # the dormant share the trust module computes: within 1e-4 of the plaintext one
+    share = np.sqrt(expected["dormant"] / expected["norm"])
+    assert abs(share - np.linalg.norm(x[mask]) / np.linalg.norm(x)) < 1e-12
+    fifth = h.ask(_request(h, "norm", ux).to_bytes())
+    assert "at most 4 per client per round" in _refusal(fifth)
     # an unknown client (no registered identity key) gets nothing
     stranger = encrypt_update(
         h.public,
@@ -103,17 +133,65 @@ def test_three_scalars_match_plaintext_within_the_flooding_bound_and_a_fourth_is
         num_samples=10,
     ).to_bytes()
     assert "4242 has no registered identity key" in _refusal(
-        h.ask(ScalarRequest(1, 0, "norm", stranger, EMPTY, b"", b"").to_bytes())
+        h.ask(ScalarRequest(1, 0, "norm", stranger, EMPTY, b"", b"", b"").to_bytes())
     )
     # a result the decryptor did not recompute (digest of another computation) is refused
-    bad = ScalarRequest(1, 0, "norm", uy, EMPTY, b"", requests["norm"].result_digest)
+    bad = ScalarRequest(1, 0, "norm", uy, EMPTY, b"", b"", requests["norm"].result_digest)
     assert "does not equal the decryptor's recomputation" in _refusal(h.ask(bad.to_bytes()))
     # the trusted party is bound by the first request of the round
     uz = h.update(2, y, 10)
     assert "elected client 1" in _refusal(h.ask(_request(h, "trusted", uz, other=ux).to_bytes()))
     events = read_events(h.events_path)
     scalars = [e for e in events if e["event"] == "ckks_release"]
-    assert [e["kind"] for e in scalars] == ["scalar:reference", "scalar:norm", "scalar:trusted"]
+    assert [e["kind"] for e in scalars] == [
+        "scalar:reference",
+        "scalar:norm",
+        "scalar:trusted",
+        "scalar:dormant",
+    ]
+
+
+def test_dormant_masks_outside_the_policy_are_refused(trust_harness: Harness) -> None:
+    h = trust_harness
+    rng = np.random.default_rng(9)
+    updates = [h.update(20 + i, rng.uniform(-1, 1, 300), 10) for i in range(6)]
+    few = np.zeros(300, dtype=bool)
+    few[:63] = True  # one short of min_mask (64): could single out a few coordinates
+    most = np.ones(300, dtype=bool)
+    most[:63] = False  # leaves 63 out: norm minus this scalar would isolate them
+    for mask, words in ((few, "selects 63 of 300"), (most, "selects 237 of 300")):
+        reply = h.ask(_request(h, "dormant", updates[0], mask=mask_bytes(mask)).to_bytes())
+        assert words in _refusal(reply) and "at least 64 left out" in _refusal(reply)
+    # not a 0/1 vector, wrong length, a mask on another kind
+    raw = bytearray(mask_bytes(_mask300()))
+    raw[5] = 2
+    bad = _request(h, "dormant", updates[1], mask=mask_bytes(_mask300()))
+    bad = ScalarRequest(1, 0, "dormant", updates[1], EMPTY, b"", bytes(raw), bad.result_digest)
+    assert "not a 0/1 vector" in _refusal(h.ask(bad.to_bytes()))
+    short = ScalarRequest(1, 0, "dormant", updates[1], EMPTY, b"", b"\x01" * 299, b"")
+    assert "must have 300 entries" in _refusal(h.ask(short.to_bytes()))
+    norm = _request(h, "norm", updates[1])
+    smuggled = ScalarRequest(1, 0, "norm", updates[1], EMPTY, b"", raw, norm.result_digest)
+    assert "carries no mask" in _refusal(h.ask(smuggled.to_bytes()))
+    # the first accepted mask binds the round: another one is refused
+    first = h.ask(_request(h, "dormant", updates[2], mask=mask_bytes(_mask300())).to_bytes())
+    assert isinstance(first, ScalarRelease)
+    other = _mask300()
+    other[299] = True
+    reply = h.ask(_request(h, "dormant", updates[3], mask=mask_bytes(other)).to_bytes())
+    assert "another dormant mask" in _refusal(reply)
+    # a second dormant scalar of the same client is refused
+    again = h.ask(_request(h, "dormant", updates[2], mask=mask_bytes(_mask300())).to_bytes())
+    assert "already released" in _refusal(again)
+
+
+def test_scalar_request_version_2_is_refused(trust_harness: Harness) -> None:
+    h = trust_harness
+    u = h.update(30, np.full(300, 0.1), 10)
+    payload = bytearray(_request(h, "norm", u).to_bytes())
+    assert payload[6] == ScalarRequest.VERSION == 3  # "SFL1" | u16 type | u8 version
+    payload[6] = 2
+    assert "unsupported version 2" in _refusal(h.ask(bytes(payload)))
 
 
 def test_sum_below_min_cohort_is_refused(trust_harness: Harness) -> None:
@@ -223,7 +301,7 @@ def test_a_flagged_client_never_reaches_the_released_sum(tmp_path: Path) -> None
     for e in log:
         if e["event"] == "ckks_release" and e["kind"].startswith("scalar:"):
             per_client[e["clients"][0]] = per_client.get(e["clients"][0], 0) + 1
-    assert max(per_client.values()) <= 3
+    assert max(per_client.values()) <= 3  # no dormant mask without trust.dormant's pruner
 
 
 def _run_config(**extra: Any) -> RunConfig:
@@ -292,5 +370,25 @@ def test_measure_trust_scalars_reports_seconds_per_client_per_million() -> None:
         "reference",
         "norm",
         "trusted",
+        "dormant",
         "conjugate_trusted",
     }
+
+
+def test_backdoor_is_flagged_under_ckks_by_the_released_dormant_share(tmp_path: Path) -> None:
+    """Model-replacement backdoor (2x2 corner trigger): under ckks the fourth scalar gives
+    the attacker's dormant share and trust.dormant.flag_share drops it every round."""
+    raw = _run_config().to_dict()
+    raw["model"]["hidden"] = [32]  # 2 dormant pixels x 32 weights >= the decryptor's min_mask
+    raw["adversary"] = {"attack": "backdoor", "count": 1}
+    run(config_from_dict(raw), tmp_path / "run")
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    chosen = next(e for e in events if e["event"] == "adversary_selected")["clients"]
+    flags = [e for e in events if e["event"] == "trust_flag"]
+    dormant = [e for e in flags if "dormant on the public shared set" in e["reason"]]
+    assert {(e["round"], e["client"]) for e in dormant} == {(1, chosen[0]), (2, chosen[0])}
+    sums = [e for e in events if e.get("kind") == "weighted_mean"]
+    assert len(sums) == 2 and all(chosen[0] not in e["clients"] for e in sums)
+    scalars = [e for e in events if e.get("kind") == "scalar:dormant"]
+    assert len(scalars) == 2 * 6  # one per accepted client per round
+    assert not any(e["event"] == "ckks_refusal" for e in events)

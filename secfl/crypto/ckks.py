@@ -891,6 +891,101 @@ class PublicContext:
         """Encrypted ||x||^2 = <x, x> (:meth:`inner_product` with its own conjugates)."""
         return self.inner_product(data, self.conjugates(data))
 
+    def mask_plaintexts(self, mask: np.ndarray, scale_bits: int) -> list[MaskPlain]:
+        """Encode a 0/1 coordinate mask for :meth:`masked_squared_norm` at scale
+        2^``scale_bits``: per ciphertext k that the mask touches, alpha_j = (m_2j + m_2j+1)/2
+        and beta_j = (m_2j - m_2j+1)/2 (beta omitted where 0), so that per slot
+        alpha |z|^2 + Re(beta z^2) = m_2j x_2j^2 + m_2j+1 x_2j+1^2. ``weight`` is
+        sum_j |alpha'_j| + |beta'_j| of the *decoded* plaintexts (the values actually
+        multiplied in, encoding error included): |slot sum| <= 2 C^2 weight; ``peak`` is
+        its largest slot term (the factor on the CKKS error of one packed pair), ``error``
+        the largest |alpha' - alpha| + |beta' - beta| of a slot, so the encoded mask moves the
+        scalar by at most ``error * ||x||^2``."""
+        n = self.preset.params_per_ciphertext
+        flat = np.asarray(mask, dtype=np.float64).ravel()
+        out: list[MaskPlain] = []
+        for k in range(self.ciphertext_count(flat.size)):
+            part = np.zeros(n)
+            chunk = flat[k * n : (k + 1) * n]
+            part[: chunk.size] = chunk
+            if not part.any():
+                continue
+            alpha = (part[0::2] + part[1::2]) / 2.0
+            beta = (part[0::2] - part[1::2]) / 2.0
+            plains: list[Any] = []
+            per_slot = np.zeros(alpha.size)
+            error = np.zeros(alpha.size)
+            for values in (alpha, beta):
+                if not values.any():
+                    plains.append(None)
+                    continue
+                plain = seal.Plaintext()
+                self.encoder.encode(values.tolist(), 2.0**scale_bits, plain)
+                decoded = np.asarray(self.encoder.decode_complex(plain), dtype=np.complex128)
+                per_slot += np.abs(decoded)
+                error += np.abs(decoded - values)
+                plains.append(plain)
+            out.append(
+                MaskPlain(
+                    k,
+                    plains[0],
+                    plains[1],
+                    weight=float(per_slot.sum()),
+                    peak=float(per_slot.max()),
+                    error=float(error.max()),
+                )
+            )
+        return out
+
+    def masked_capacity(self, scale_bits: int) -> float:
+        """Largest |scalar| a product at scale 2^(2 scale_bits + ``scale_bits``) holds (the
+        same factor-16 margin as :meth:`scalar_capacity`)."""
+        return self.scalar_capacity() / 2.0**scale_bits
+
+    def masked_squared_norm(self, data: Sequence[bytes], plains: Sequence[MaskPlain]) -> bytes:
+        """Encrypted sum_i m_i x_i^2 (slot 0's real part): for each ciphertext the mask
+        touches, (z conj(z)) x alpha + (z z) x beta, slot-wise, summed, one relinearisation,
+        rotate-and-sum. No rescale: scale 2^(2 s + mask scale bits)."""
+        self._require_evaluation()
+        acc: Any = None
+        for entry in plains:
+            if not 0 <= entry.index < len(data):
+                raise CkksError(f"mask ciphertext {entry.index} of {len(data)}")
+            ct = self.load_ciphertext(data[entry.index])
+            terms = []
+            if entry.alpha is not None:
+                conj = seal.Ciphertext()
+                self.evaluator.complex_conjugate(ct, self.galois_keys, conj)
+                product = seal.Ciphertext()
+                self.evaluator.multiply(ct, conj, product)
+                self.evaluator.multiply_plain_inplace(product, entry.alpha)
+                terms.append(product)
+            if entry.beta is not None:
+                square = seal.Ciphertext()
+                self.evaluator.square(ct, square)
+                self.evaluator.multiply_plain_inplace(square, entry.beta)
+                terms.append(square)
+            for term in terms:
+                if acc is None:
+                    acc = term
+                else:
+                    self.evaluator.add_inplace(acc, term)
+        if acc is None:
+            raise CkksError("a masked squared norm needs a mask with at least one coordinate")
+        return self._sum_slots(acc)
+
+
+@dataclass(frozen=True)
+class MaskPlain:
+    """One ciphertext's encoded mask plaintexts (:meth:`PublicContext.mask_plaintexts`)."""
+
+    index: int
+    alpha: Any
+    beta: Any
+    weight: float
+    peak: float
+    error: float
+
 
 def trust_galois_elements(preset: CkksPreset) -> list[int]:
     """SEAL Galois elements for left rotations by 1, 2, 4, ..., N/4 slots (3^step mod 2N)

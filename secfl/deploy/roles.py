@@ -148,6 +148,7 @@ def server_protection(
         query_budget=decryptor_policy(config).query_budget,
         user_level=user_level,
         trust=trust,
+        clip_range=settings.clip_range,
     )
 
 

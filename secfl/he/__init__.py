@@ -2,7 +2,7 @@
 
 * :mod:`secfl.he.decryptor` — the decryptor: generates the keys, holds the secret key, and
   releases only what its policy allows (weighted sums over a large enough, undominated cohort;
-  at most three trust scalars per client per round), each release noise-flooded and logged.
+  at most four trust scalars per client per round), each release noise-flooded and logged.
 * :mod:`secfl.he.client` — the client side: encrypt the clipped update under the public key,
   sign ciphertexts and weight.
 * :mod:`secfl.he.server` — the server side: weighted sum of ciphertexts with plaintext

@@ -8,11 +8,15 @@ for, and releases
     ``min_cohort`` distinct clients contribute, no signed weight exceeds
     ``max_weight_share`` of the total, and the server's aggregate ciphertext equals the
     decryptor's recomputation (a rotated, derived or substituted aggregate is refused);
-(b) at most three trust scalars per client per round, one of each kind (``reference``,
-    ``norm``, ``trusted``); the reference vector and the trusted party are fixed by the
-    first request of the round. The decryptor recomputes the server's encrypted scalar
-    from the signed update(s) (``trust`` preset evaluation keys, deterministic), refuses a
-    digest mismatch, and decrypts only slot 0 of its own recomputation.
+(b) at most four trust scalars per client per round, one of each kind (``reference``,
+    ``norm``, ``trusted``, ``dormant``); the reference vector, the trusted party and the
+    dormant mask are fixed by the first request of the round. The ``dormant`` mask must be
+    a 0/1 vector selecting at least ``min_mask`` coordinates and leaving at least
+    ``min_mask`` out (so neither the scalar nor its difference with the squared norm
+    isolates fewer than ``min_mask`` coordinates of one client's update). The decryptor
+    recomputes the server's encrypted scalar from the signed update(s) (``trust`` preset
+    evaluation keys, deterministic), refuses a digest mismatch, and decrypts only slot 0 of
+    its own recomputation.
 
 Every release is noise-flooded (LMSS 2022, see :func:`secfl.crypto.ckks.flooding_plan`) with
 noise from the run's randomness stream ``ckks.flooding``, counted against the key epoch's
@@ -65,12 +69,44 @@ class DecryptorPolicy:
     clip_range: float
     statistical_bits: int
     query_budget: int
+    #: Fewest coordinates a ``dormant`` mask may select, and fewest it may leave out.
+    min_mask: int = 64
+
+
+#: Scale exponents tried for the ``dormant`` mask plaintext, largest (most precise) first;
+#: the first whose worst-case slot sum fits the modulus is used (server and decryptor
+#: derive the same one from the public mask and clip range).
+MASK_SCALE_BITS = tuple(range(20, 11, -1))
+
+
+def dormant_plaintexts(
+    public: ckks.PublicContext, mask: np.ndarray, clip_range: float
+) -> tuple[int, list[ckks.MaskPlain]]:
+    """The mask's plaintexts at the largest scale 2^k (k in :data:`MASK_SCALE_BITS`) at
+    which ``2 C^2 sum |alpha'| + |beta'|`` (the most the masked slot sum can reach) is within
+    :meth:`~secfl.crypto.ckks.PublicContext.masked_capacity`; raises
+    :class:`DecryptorRefusal` if none is."""
+    for bits in MASK_SCALE_BITS:
+        plains = public.mask_plaintexts(mask, bits)
+        bound = 2.0 * clip_range**2 * sum(p.weight for p in plains)
+        if bound <= public.masked_capacity(bits):
+            return bits, plains
+    raise DecryptorRefusal(
+        f"a dormant mask of {int(np.count_nonzero(mask))} coordinates at clip_range "
+        f"{clip_range} may reach {bound:.4g}, above the {public.masked_capacity(bits):.4g} "
+        f"the preset holds at mask scale 2^{bits}; lower aggregation.ckks.clip_range"
+    )
+
+
+def mask_bytes(mask: np.ndarray) -> bytes:
+    """The wire form of a coordinate mask: one byte per coordinate, 0 or 1."""
+    return np.asarray(mask, dtype=bool).astype(np.uint8).tobytes()
 
 
 def rounds_per_epoch(query_budget: int, num_clients: int, ciphertexts_per_sum: int) -> int:
     """Rounds one key serves: a round releases at most one sum (one query per ciphertext)
-    and three scalars per client."""
-    return max(1, query_budget // (ciphertexts_per_sum + 3 * num_clients))
+    and four scalars per client (:data:`SCALAR_KINDS`)."""
+    return max(1, query_budget // (ciphertexts_per_sum + len(SCALAR_KINDS) * num_clients))
 
 
 def epoch_of_round(round_index: int, per_epoch: int) -> int:
@@ -83,6 +119,8 @@ class _RoundState:
     scalars: dict[int, set[str]] = field(default_factory=dict)
     reference_digest: bytes | None = None
     trusted_party: int | None = None
+    mask_digest: bytes | None = None
+    mask_plains: tuple[int, list[ckks.MaskPlain]] | None = None
 
 
 class Decryptor:
@@ -330,6 +368,41 @@ class Decryptor:
 
     # -- (b) trust scalars --------------------------------------------------------------
 
+    def _mask(
+        self,
+        state: _RoundState,
+        public: ckks.PublicContext,
+        raw: bytes,
+        size: int,
+        round_index: int,
+    ) -> tuple[int, list[ckks.MaskPlain]]:
+        """Check a ``dormant`` mask against the policy, bind it to the round, encode it."""
+        mask = np.frombuffer(raw, dtype=np.uint8)
+        if mask.size != size:
+            raise DecryptorRefusal(f"the dormant mask must have {size} entries, got {mask.size}")
+        if np.any(mask > 1):
+            raise DecryptorRefusal("the dormant mask is not a 0/1 vector")
+        selected = int(np.count_nonzero(mask))
+        least = self._policy.min_mask
+        if selected < least or size - selected < least:
+            raise DecryptorRefusal(
+                f"the dormant mask selects {selected} of {size} coordinates; the policy needs "
+                f"at least {least} selected and at least {least} left out, so that no "
+                "released scalar (or its difference with the squared norm) isolates fewer "
+                f"than {least} coordinates of a client's update"
+            )
+        digest = hashlib.sha256(raw).digest()
+        if state.mask_digest not in (None, digest):
+            raise DecryptorRefusal(
+                f"round {round_index} already uses another dormant mask; one per round"
+            )
+        if state.mask_plains is None:  # plaintexts depend on the parameters only
+            state.mask_plains = dormant_plaintexts(
+                public, mask.astype(bool), self._policy.clip_range
+            )
+        state.mask_digest = digest
+        return state.mask_plains
+
     def _release_scalar(self, request: ScalarRequest) -> ScalarRelease:
         if request.kind not in SCALAR_KINDS:
             raise DecryptorRefusal(
@@ -346,7 +419,8 @@ class Decryptor:
         if len(released) >= len(SCALAR_KINDS):
             raise DecryptorRefusal(
                 f"client {update.client_id} already has {len(released)} trust scalars in "
-                f"round {request.round}; at most three per client per round are released"
+                f"round {request.round}; at most {len(SCALAR_KINDS)} per client per round "
+                "are released"
             )
         if request.kind in released:
             raise DecryptorRefusal(
@@ -368,6 +442,8 @@ class Decryptor:
         # the unrescaled evaluation (plaintext rounding, relinearisation, 13 rotations)
         # adds below 2^-100 at scale 2^148: + 1 x t.
         pair = 2.0 * math.sqrt(size) * clip + size * ckks.fresh_error_bound(self._preset)
+        if request.kind != "dormant" and request.mask:
+            raise DecryptorRefusal(f"a {request.kind!r} scalar carries no mask")
         if request.kind == "reference":
             reference = np.asarray(request.reference, dtype=np.float64)
             if reference.size != size or not np.all(np.isfinite(reference)):
@@ -388,7 +464,7 @@ class Decryptor:
             public.check_scalar_range(size=size, clip_range=clip, other_norm=math.sqrt(size) * clip)
             recomputed = public.squared_norm(blobs)
             sensitivity = pair + 1.0
-        else:
+        elif request.kind == "trusted":
             other = self._verified(request.other, request.round, request.attempt)
             if other.client_id == update.client_id:
                 raise DecryptorRefusal("the trusted party must be another client")
@@ -406,6 +482,12 @@ class Decryptor:
             )
             recomputed = public.inner_product(blobs, conjugates)
             sensitivity = pair + 1.0
+        else:
+            _bits, plains = self._mask(state, public, request.mask, size, request.round)
+            recomputed = public.masked_squared_norm(blobs, plains)
+            # the CKKS errors enter as for the norm, each weighted by the mask's plaintext
+            # slot weight (|alpha'| + |beta'| <= 1 + encoding error)
+            sensitivity = max(p.peak for p in plains) * pair + 1.0
         if ckks.scalar_digest(recomputed) != request.result_digest:
             raise DecryptorRefusal(
                 f"the server's encrypted {request.kind!r} scalar of client {update.client_id} "

@@ -198,7 +198,7 @@ class SumRelease(WireMessage):
 
 
 #: Trust-scalar kinds (policy (b)): at most one of each per client per round attempt.
-SCALAR_KINDS = ("reference", "norm", "trusted")
+SCALAR_KINDS = ("reference", "norm", "trusted", "dormant")
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,14 +206,16 @@ class ScalarRequest(WireMessage):
     """Server -> decryptor: one trust scalar of one client.
 
     ``kind`` ``reference``: <x, reference>; ``norm``: ||x||^2; ``trusted``: <x, y> with the
-    elected trusted party's signed update ``other``. ``result_digest``
-    (:func:`secfl.crypto.ckks.scalar_digest`) is the digest of the encrypted scalar the server
-    computed; the decryptor recomputes it from the signed update(s) and refuses a mismatch
-    (version 2; version 1 had no digest and the decryptor computed in the clear).
+    elected trusted party's signed update ``other``; ``dormant``: sum_i m_i x_i^2 with the
+    public 0/1 coordinate mask ``mask`` (one byte per coordinate, 0 or 1; empty for the
+    other kinds). ``result_digest`` (:func:`secfl.crypto.ckks.scalar_digest`) is the digest of
+    the encrypted scalar the server computed; the decryptor recomputes it from the signed
+    update(s) and refuses a mismatch. Version 3 added ``mask`` (version 2 had no mask;
+    version 1 had no digest and the decryptor computed in the clear).
     """
 
     TYPE_ID: ClassVar[int] = 206
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("round", "u32"),
         ("attempt", "u32"),
@@ -221,6 +223,7 @@ class ScalarRequest(WireMessage):
         ("update", "bytes"),
         ("reference", "f32"),
         ("other", "bytes"),
+        ("mask", "bytes"),
         ("result_digest", "bytes"),
     )
     round: int
@@ -229,6 +232,7 @@ class ScalarRequest(WireMessage):
     update: bytes
     reference: np.ndarray
     other: bytes
+    mask: bytes
     result_digest: bytes
 
 

@@ -59,10 +59,13 @@ class CkksProtection:
         query_budget: int,
         user_level: DistributedNoise | None = None,
         trust: TrustModule | None = None,
+        clip_range: float = 1.0,
     ) -> None:
         self._preset = preset
         #: The trust module (``trust`` preset): flooded per-client scalars decide who is summed.
-        self.trust = None if trust is None else EncryptedTrust(trust, decryptor)
+        self.trust = (
+            None if trust is None else EncryptedTrust(trust, decryptor, clip_range=clip_range)
+        )
         #: User-level DP: clients add Gaussian shares and send weight 1; fixed denominator.
         self._user_level = user_level
         self._decryptor = decryptor

@@ -92,4 +92,5 @@ def build_protection(
         query_budget=policy.query_budget,
         user_level=user_level,
         trust=trust,
+        clip_range=settings.clip_range,
     )

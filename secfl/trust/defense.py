@@ -14,6 +14,7 @@ whose suspicion reached the bound out of later rounds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -478,6 +479,21 @@ def _flag_against_reference(
     )
 
 
+def _dormant_reasons(shares: Mapping[int, float], bound: float | None) -> dict[int, str]:
+    """The candidates whose dormant share exceeds ``trust.dormant.flag_share``, with the
+    reason logged for each."""
+    if bound is None:
+        return {}
+    return {
+        c: (
+            f"{shares[c]:.3g} of the update's norm lies on weights fed by units dormant "
+            f"on the public shared set, above trust.dormant.flag_share={bound:g}"
+        )
+        for c in sorted(shares)
+        if shares[c] > bound
+    }
+
+
 def _vote_after_dormant_flags(
     updates: Mapping[int, np.ndarray],
     shares: Mapping[int, float],
@@ -489,14 +505,7 @@ def _vote_after_dormant_flags(
     the others, so a flagged candidate can neither be elected nor move the thresholds. Its
     share goes into every candidate's metrics (``dormant_share``)."""
     ids = sorted(updates)
-    pre: dict[int, str] = {}
-    if bound is not None and shares:
-        for c in ids:
-            if shares[c] > bound:
-                pre[c] = (
-                    f"{shares[c]:.3g} of the update's norm lies on weights fed by units dormant "
-                    f"on the public shared set, above trust.dormant.flag_share={bound:g}"
-                )
+    pre = _dormant_reasons(shares, bound)
     rest = {c: updates[c] for c in ids if c not in pre}
     if rest:
         decision = vote(rest)
@@ -616,13 +625,20 @@ class TrustModule:
         reference_inner: Mapping[int, float] | None,
         reference_norm: float | None,
         squared_norms: Mapping[int, float],
-        trusted_inner: Callable[[int], Mapping[int, float]],
+        trusted_inner: Callable[[int, Sequence[int]], Mapping[int, float]],
         round_index: int,
         attempt: int,
         events: EventLog,
+        dormant_norms: Mapping[int, float] | None = None,
     ) -> TrustDecision:
         """Mode ``ckks``: :func:`decide_by_scalars`, reputations, the same event log as
-        :meth:`defend`, plus a note on the rules that need pairs and did not run."""
+        :meth:`defend`, plus a note on the rules that need pairs and did not run.
+
+        ``trusted_inner(t, among)`` returns <x_c, x_t> for the clients ``among``.
+        ``dormant_norms`` (s4 = sum_i m_i x_i^2 over the weights fed by dormant units, the
+        fourth released scalar) gives each client's dormant share sqrt(s4 / s2), clipped
+        to [0, 1]; above ``trust.dormant.flag_share`` the client is flagged before the
+        vote, as in mode ``none``."""
         if self.defense != "vote":
             raise ConfigError(
                 f"trust.defense={self.defense!r} needs every update in clear; under "
@@ -638,15 +654,43 @@ class TrustModule:
                 ),
             )
         ids = sorted(squared_norms)
-        decision = decide_by_scalars(
-            weights,
-            reference_inner=reference_inner,
-            reference_norm=reference_norm,
-            squared_norms=squared_norms,
-            trusted_inner=trusted_inner,
-            reputation={c: self.reputation.of(c) for c in ids},
-            config=self.config,
-        )
+        shares: dict[int, float] = {}
+        if dormant_norms is not None:
+            for c in ids:
+                s2 = max(float(squared_norms[c]), 0.0)
+                ratio = float(dormant_norms[c]) / s2 if s2 > 0 else 0.0
+                shares[c] = math.sqrt(min(max(ratio, 0.0), 1.0))
+        pre = _dormant_reasons(shares, self.config.dormant.flag_share)
+        rest = [c for c in ids if c not in pre]
+        if rest:
+            decision = decide_by_scalars(
+                {c: weights[c] for c in rest},
+                reference_inner=None
+                if reference_inner is None
+                else {c: reference_inner[c] for c in rest},
+                reference_norm=reference_norm,
+                squared_norms={c: squared_norms[c] for c in rest},
+                trusted_inner=lambda t: trusted_inner(t, [c for c in rest if c != t]),
+                reputation={c: self.reputation.of(c) for c in rest},
+                config=self.config,
+            )
+        else:
+            decision = TrustDecision(
+                defense="vote",
+                mean_update=np.zeros(0, dtype=np.float32),
+                total_weight=0.0,
+                kept=(),
+                flagged={},
+            )
+        if shares:
+            flagged = {**pre, **decision.flagged}
+            decision = replace(
+                decision,
+                flagged={c: flagged[c] for c in ids if c in flagged},
+                metrics={
+                    c: {**decision.metrics.get(c, {}), "dormant_share": shares[c]} for c in ids
+                },
+            )
         self.reputation.update(kept=decision.kept, flagged=decision.flagged)
         self._log(decision, round_index, attempt, events)
         return decision
