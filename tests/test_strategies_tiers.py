@@ -260,3 +260,16 @@ def test_unsupported_settings_are_refused(tmp_path: Path) -> None:
         _quiet_run(_tiny().with_overrides(**{"data.shared.per_class": 0}), tmp_path / "b")
     with pytest.raises(ConfigError, match="min_cohort"):
         _quiet_run(_tiny().with_overrides(**{"aggregation.min_cohort": 13}), tmp_path / "c")
+
+
+def test_bench_smoke_tier_keys() -> None:
+    from secfl.bench.tiers import GOALS, measure_tiers
+
+    figures = measure_tiers(quick=False, smoke=True, workers=1)
+    for key in GOALS:
+        assert isinstance(figures[key], float) and math.isfinite(figures[key]), key
+    tails = figures["details"]["accuracy_tail_mean"]
+    assert set(tails["transfer"]) == {"small", "medium", "large"}
+    assert set(tails["single_small"]) == {"small"}
+    gain = 100 * (tails["transfer"]["small"][0] - tails["no_transfer"]["small"][0])
+    assert figures["tier_transfer_gain_points"] == pytest.approx(gain)

@@ -44,6 +44,7 @@ from secfl.strategies.multitask import (
     _restore,
     build_task,
 )
+from secfl.strategies.scheduler import jain_index
 from secfl.strategies.tiers import (
     HardwareProfiles,
     Tier,
@@ -359,6 +360,7 @@ def _run_tiered_round(
         "loss": float(np.mean([r["loss"] for r in rows.values()])),
         "participants": int(sum(r["participants"] for r in rows.values())),
         "available": int(available.sum()),
+        "jain_index": jain_index(state.participation),
         "tasks": rows,
     }
 
