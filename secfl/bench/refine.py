@@ -37,6 +37,7 @@ machine's load (``machine``).
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
@@ -240,7 +241,19 @@ def synthetic_fidelity(
 
 def run_case(case: Case, workdir: str) -> dict[str, Any]:
     """Run ``case``: final accuracy, refine seconds and memorisation ratios of every refined
-    round, and the fidelity of the last synthetic set (inversion variants)."""
+    round, and the fidelity of the last synthetic set (inversion variants). The result is
+    also written to ``<workdir>/<case>/result.json``; a result already there is reused (a
+    bench run interrupted in a kept work folder, ``SECFL_BENCH_WORKDIR``, picks up there)."""
+    done = Path(workdir) / case.name / "result.json"
+    if done.exists():
+        kept: dict[str, Any] = json.loads(done.read_text())
+        return kept
+    out = _run_case(case, workdir)
+    done.write_text(json.dumps(out))
+    return out
+
+
+def _run_case(case: Case, workdir: str) -> dict[str, Any]:
     from secfl.data.federated import build_federated_data
     from secfl.randomness import Randomness
     from secfl.record.checkpoint import read_checkpoint
@@ -436,7 +449,12 @@ def summarise(results: Mapping[Case, Mapping[str, Any]], plan: Plan) -> dict[str
                         ]
                         for s in plan.seeds
                     ]
-                    mean = _mean(per_seed)
+                    # a run that never made a synthetic set (no round was refined) is named
+                    # under ``runs_without_synthetic``, not averaged as a zero
+                    scored = [f for f in per_seed if f is not None]
+                    if not scored:
+                        continue
+                    mean = _mean(scored)
                     reference = [
                         results[Case(dataset, variant, part, s, plan.rounds, plan.smoke)][
                             "classifier_test_accuracy"
@@ -452,6 +470,15 @@ def summarise(results: Mapping[Case, Mapping[str, Any]], plan: Plan) -> dict[str
         by_variant[variant] = entry
 
     all_ratios = [(x, c.name) for c, r in results.items() for x in r["memorisation_ratios"]]
+    where["runs_without_synthetic"] = ", ".join(
+        sorted(
+            c.name
+            for c, r in results.items()
+            if VARIANTS[c.variant][1] is not None
+            and "server_inversion" in (VARIANTS[c.variant][1] or {})
+            and r["fidelity"] is None
+        )
+    )
     # fidelity: per variant, the mean over datasets (each dataset's own judge), partitions and
     # seeds; the worst variant at top level. Per dataset beside it, with the judge's accuracy
     # on that dataset's real test records (its ceiling: 0.33 on MNIST-1D, 0.96 on digits)
@@ -529,7 +556,12 @@ def measure(settings: BenchSettings, workdir: Path, workers: int) -> dict[str, A
 )
 def bench_refine(settings: BenchSettings) -> dict[str, Any]:
     workers = 1 if settings.smoke else WORKERS
-    with tempfile.TemporaryDirectory() as tmp:
-        measured = measure(settings, Path(tmp), workers)
+    kept = os.environ.get("SECFL_BENCH_WORKDIR")
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        measured = measure(settings, Path(kept), workers)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            measured = measure(settings, Path(tmp), workers)
     figures = measured["figures"]
     return {**figures, "goals": dict(GOALS), "details": measured["details"]}
