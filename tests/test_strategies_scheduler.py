@@ -278,11 +278,12 @@ def test_bench_smoke_writes_keys(tmp_path: Path) -> None:
         assert isinstance(report[key], float) and math.isfinite(report[key]), key
     assert report["scheduler_round_time_ratio_vs_random"] > 0
     assert 1 / SMOKE.devices <= report["scheduler_jain_index"] <= 1
-    assert report["strategies_measured"] == ["scheduler", "kd", "pool"]
+    assert report["strategies_measured"] == ["scheduler", "kd", "pool", "tiers"]
     assert math.isfinite(report["kd_vs_plain_points"])
     assert 0 <= report["pool_models_converged"] <= 4
     assert 1 <= report["pool_acceptable_set_size"] <= 4
-    assert not any(k.startswith("tier") for k in report)  # not built: no keys
+    for key in ("tier_transfer_gain_points", "tiers_large_gain_points"):
+        assert math.isfinite(report[key]), key
     by_task = report["details"]["scheduler"]["by_task"]
     assert set(by_task) == {"digits", "breast_cancer", "mnist1d"}
     for task in by_task.values():

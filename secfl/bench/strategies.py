@@ -23,8 +23,9 @@ the same seeds and configs for both policies except ``server.strategy.policy``
 
 Teacher and student on the client: ``kd_vs_plain_points`` from
 :func:`secfl.bench.client_kd.measure_client_kd` (its plan and details under
-``details.kd``). The keys of the strategies not built yet (``tier_*``, ``pool_*``) join this
-report when they exist; until then they are absent, never filled with placeholders;
+``details.kd``). Random model pool: :func:`add_pool`. Hardware tiers:
+``tier_transfer_gain_points`` and ``tiers_large_gain_points`` from
+:func:`secfl.bench.tiers.measure_tiers` (:func:`add_tiers`; details under ``details.tiers``).
 ``strategies_measured`` names the strategies present.
 ``--quick``: one seed instead of three, same sizes and keys; ``--smoke``: 20 devices,
 3 devices per task, 3 rounds, one seed.
@@ -247,7 +248,7 @@ def bench_strategies(settings: BenchSettings) -> dict[str, Any]:
         "goals": {**GOALS, "kd_vs_plain_points": "reported"},
         "details": {**figures["details"], "kd": kd["details"]},
     }
-    return add_pool(report, settings)
+    return add_tiers(add_pool(report, settings), settings)
 
 
 # ---------------------------------------------------------------- random model sharing pool
@@ -270,4 +271,24 @@ def add_pool(report: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
             "pool_acceptable_set_size": "reported",
         },
         "details": {**report["details"], "pool": pool["details"]},
+    }
+
+
+# ---------------------------------------------------------------- hardware tiers
+
+
+def add_tiers(report: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+    """The hardware tiers' keys (:mod:`secfl.bench.tiers`): ``tier_transfer_gain_points``
+    (goal >= 1) and ``tiers_large_gain_points`` (goal > 0), details under
+    ``details.tiers``."""
+    from secfl.bench.tiers import GOALS as TIER_GOALS
+    from secfl.bench.tiers import measure_tiers
+
+    tiers = measure_tiers(settings.quick, settings.smoke, WORKERS)
+    return {
+        **report,
+        **{key: tiers[key] for key in TIER_GOALS},
+        "strategies_measured": [*report["strategies_measured"], "tiers"],
+        "goals": {**report["goals"], **TIER_GOALS},
+        "details": {**report["details"], "tiers": tiers["details"]},
     }
