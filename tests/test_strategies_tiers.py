@@ -190,7 +190,7 @@ def _tiny(protection: str = "none", **strategy: Any) -> RunConfig:
                 "kind": "tiers",
                 "devices": {"count": 12, "availability": 1.0},
                 "cuts": [0.1, 0.55],  # about 1, 6 and 5 clients: the small tier merges
-                "transfer": {"steps": 3, "batch_size": 8},
+                "transfer": {"steps": 3, "batch_size": 8, "start_round": 1},
                 **strategy,
             }
         },

@@ -75,7 +75,14 @@ def tiers_config(
     transfer = (
         None
         if variant != "transfer"
-        else {"source": "shared", "steps": 20, "lr": 0.05, "temperature": 2.0, "prox": 0.01}
+        else {
+            "source": "shared",
+            "steps": 5,
+            "lr": 0.02,
+            "temperature": 1.0,
+            "prox": 0.01,
+            "start_round": 1 if sizes is TIERS_SMOKE else 5,
+        }
     )
     raw: dict[str, Any] = {
         "name": f"tiers-{variant}",
