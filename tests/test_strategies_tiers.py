@@ -273,3 +273,21 @@ def test_bench_smoke_tier_keys() -> None:
     assert set(tails["single_small"]) == {"small"}
     gain = 100 * (tails["transfer"]["small"][0] - tails["no_transfer"]["small"][0])
     assert figures["tier_transfer_gain_points"] == pytest.approx(gain)
+
+
+def test_transfer_on_shared_and_synthetic_inputs(tmp_path: Path) -> None:
+    """``source: both`` distils on the shared records plus inputs inverted from the tiers'
+    models (10 classes x synthetic_per_class)."""
+    transfer = {
+        "steps": 2,
+        "batch_size": 8,
+        "start_round": 1,
+        "source": "both",
+        "synthetic_per_class": 2,
+        "synthetic_steps": 3,
+    }
+    out = tmp_path / "both"
+    _quiet_run(_tiny(transfer=transfer).with_overrides(rounds=1), out)
+    (event,) = [e for e in _events(out / "events.jsonl") if e["event"] == "tiers_transfer"]
+    assert event["inputs"] == 10 * 2 + 10 * 2  # shared per_class 2, synthetic 2 per class
+    assert set(event["learners"]) == {"small", "large"}
