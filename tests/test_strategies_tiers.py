@@ -291,3 +291,21 @@ def test_transfer_on_shared_and_synthetic_inputs(tmp_path: Path) -> None:
     (event,) = [e for e in _events(out / "events.jsonl") if e["event"] == "tiers_transfer"]
     assert event["inputs"] == 10 * 2 + 10 * 2  # shared per_class 2, synthetic 2 per class
     assert set(event["learners"]) == {"small", "large"}
+
+
+def test_sample_level_dp_is_accounted_per_tier(tmp_path: Path) -> None:
+    """With DP-SGD every tier keeps its own ledger: exactly the clients that trained in a
+    tier are charged there (the transfer, on public inputs, charges nothing)."""
+    dp = {"sample_level": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.5}}
+    out = tmp_path / "dp"
+    _quiet_run(_tiny().with_overrides(rounds=1, privacy=dp), out)
+    for name in ("small", "large"):
+        trained = {
+            str(c)
+            for e in _events(out / "tasks" / name / "events.jsonl")
+            if e["event"] == "round_started"
+            for c in e["participants"]
+        }
+        ledger = json.loads((out / "tasks" / name / "ledger.json").read_text())
+        charged = {c for c, v in ledger["cumulative"]["clients"].items() if v["epsilon"] > 0}
+        assert trained and charged == trained, name

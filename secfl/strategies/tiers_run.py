@@ -18,6 +18,7 @@ holds everything, and the tier layout is recomputed from the design seed on resu
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,6 @@ from secfl.audit.events import EventLog, register_event
 from secfl.config import FixedSampling, RunConfig, SchedulerTaskConfig, TiersStrategy
 from secfl.encode.flatten import load_parameters, model_hash
 from secfl.errors import ConfigError
-from secfl.models import build_model
 from secfl.randomness import Randomness
 from secfl.record import rundir
 from secfl.record.checkpoint import Checkpoint, write_checkpoint
@@ -162,7 +162,7 @@ def run_tiers(
         for tier, spec in zip(tiers, specs, strict=True)
     ]
     # teacher copies of each tier's model: students must not change a teacher mid-transfer
-    teachers = [build_model(t.config.model, t.data.input_shape, t.data.num_classes) for t in tasks]
+    teachers = [copy.deepcopy(t.model) for t in tasks]
     times = [t.workload.device_times(profiles.population) for t in tasks]
     state = StrategyRun(participation=np.zeros(profiles.count, dtype=np.int64), history=[])
     first_round = 1
@@ -405,10 +405,8 @@ def _transfer(
     x = np.concatenate([np.asarray(a, dtype=np.float32) for a in inputs])
     # only the tiers that have a model worth learning from take part, as teachers and students
     index = {k: i for i, k in enumerate(ready)}
-    students = [
-        build_model(tasks[k].config.model, tasks[k].data.input_shape, tasks[k].data.num_classes)
-        for k in ready
-    ]
+    # copies of the tier's own model (as the privacy layer prepared it): same layout
+    students = [copy.deepcopy(tasks[k].model) for k in ready]
     weights = [tasks[k].server.weights for k in ready]
     before = {
         tasks[k].name: ensemble_disagreement(
