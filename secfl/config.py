@@ -324,7 +324,7 @@ class TierTransferConfig(StrictModel):
 
     source: Literal["shared", "synthetic", "both"] = "shared"
     #: A light touch each round: stronger transfer (20 steps at lr 0.05, temperature 2)
-    #: pulled every tier towards the others and cost 4-10 points on MNIST-1D (docs).
+    #: pulled the tiers together and cost them 4-21 points on MNIST-1D (docs/strategies.md).
     steps: Annotated[int, Field(ge=1, le=100_000)] = 5
     lr: Annotated[float, Field(gt=0, le=10)] = 0.02
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -902,6 +902,9 @@ class InversionSettingsConfig(StrictModel):
     #: training records as unseen records do (memorisation ratio ~1.0 on MNIST-1D); 1.05 keeps
     #: them off the records (see docs/refinement.md).
     input_spread: Annotated[float, Field(ge=0, le=10)] = 1.05
+    #: Input features whose std is at most this fraction of the median feature's (constant
+    #: border pixels) are held at their mean, on the data's support (0: off).
+    support_floor: Annotated[float, Field(ge=0, lt=1)] = 0.05
     adversarial: Annotated[float, Field(ge=0, le=1e6)] = 0.0
 
 
