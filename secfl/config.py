@@ -902,6 +902,9 @@ class InversionSettingsConfig(StrictModel):
     #: training records as unseen records do (memorisation ratio ~1.0 on MNIST-1D); 1.05 keeps
     #: them off the records (see docs/refinement.md).
     input_spread: Annotated[float, Field(ge=0, le=10)] = 1.05
+    #: Input features whose std is at most this fraction of the median feature's (constant
+    #: border pixels) are held at their mean, on the data's support (0: off).
+    support_floor: Annotated[float, Field(ge=0, lt=1)] = 0.05
     adversarial: Annotated[float, Field(ge=0, le=1e6)] = 0.0
 
 

@@ -172,6 +172,30 @@ def test_input_spread_sets_the_synthetic_inputs_spread(trained_digits) -> None:
     assert spread[1.5] / spread[1.0] > 1.3
 
 
+def test_inversion_holds_features_outside_the_datas_support_at_their_mean(trained_digits) -> None:
+    """Border pixels constant in the data stay constant in the synthetic samples, so client
+    augmentation never trains the weights they feed (the trust module's dormant-unit rule
+    would flag such updates as a backdoor's)."""
+    model, pool, _ = trained_digits
+    moments = ActivationMoments.of_data(model, pool.x)
+    constant = np.sqrt(moments.input_var) <= 0.05 * np.median(np.sqrt(moments.input_var))
+    assert 0 < constant.sum() < constant.size
+    made = {}
+    for floor in (0.05, 0.0):
+        made[floor] = invert(
+            [model],
+            input_shape=pool.x.shape[1:],
+            classes=range(10),
+            settings=InversionSettings(per_class=2, steps=60, support_floor=floor),
+            stream=Randomness("seeded", 1).stream("test.inversion"),
+            moments=moments,
+        ).x.reshape(20, -1)
+    held = made[0.05][:, constant]
+    np.testing.assert_array_equal(held, np.broadcast_to(moments.input_mean[constant], held.shape))
+    # without the floor the optimiser does write into those pixels
+    assert np.abs(made[0.0][:, constant] - moments.input_mean[constant]).max() > 1e-3
+
+
 def test_sgd_distillation_moves_the_aggregate_only_as_far_as_the_teachers_disagree(
     trained_digits,
 ) -> None:

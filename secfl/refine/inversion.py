@@ -36,6 +36,10 @@ class InversionSettings:
     #: matched). Exactly the data's spread puts samples as near the training records as
     #: unseen records are; a little wider keeps them off the records.
     input_spread: float = 1.05
+    #: Input features whose std is at most this fraction of the median feature's std (border
+    #: pixels that are constant in the data) are held at their mean: synthetic samples stay
+    #: on the data's support instead of inventing signal there (0 turns it off).
+    support_floor: float = 0.05
     #: Weight of the teacher-disagreement term (DENSE / FedFTG style diversity); needs a
     #: student. 0 turns it off.
     adversarial: float = 0.0
@@ -51,6 +55,7 @@ class InversionSettings:
             l2=block.l2,
             feature_stats=block.feature_stats,
             input_spread=block.input_spread,
+            support_floor=block.support_floor,
             adversarial=block.adversarial,
         )
 
@@ -97,10 +102,18 @@ def invert(
         raise ValueError("model inversion needs at least one teacher model")
     targets = np.repeat(np.asarray(classes, dtype=np.int64), settings.per_class)
     init = stream.numpy_generator().standard_normal((len(targets), *input_shape))
+    outside: torch.Tensor | None = None
+    held: torch.Tensor | None = None
     if moments is not None and moments.input_mean is not None:
         mean = moments.input_mean.reshape(input_shape)
         std = np.sqrt(np.maximum(moments.input_var.reshape(input_shape), 1e-6))
         init = mean + std * init
+        if settings.support_floor > 0:
+            off = std <= settings.support_floor * float(np.median(std))
+            if off.any():
+                outside = torch.from_numpy(off)
+                held = torch.from_numpy(mean.astype(np.float32))
+                init = np.where(off, mean, init)
     x = torch.tensor(init, dtype=torch.float32, requires_grad=True)
     y = torch.from_numpy(targets)
     for model in teachers:
@@ -130,6 +143,9 @@ def invert(
                 loss = loss - settings.adversarial * F.kl_div(s, t, reduction="batchmean")
             loss.backward()
             optimizer.step()
+            if outside is not None and held is not None:
+                with torch.no_grad():
+                    x.copy_(torch.where(outside, held, x))
     finally:
         if probe is not None:
             probe.close()
