@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -248,6 +249,8 @@ def run_case(case: Case, workdir: str) -> dict[str, Any]:
     if done.exists():
         kept: dict[str, Any] = json.loads(done.read_text())
         return kept
+    # a run that was interrupted before its result was written starts over in a clean folder
+    shutil.rmtree(done.parent, ignore_errors=True)
     out = _run_case(case, workdir)
     done.write_text(json.dumps(out))
     return out
