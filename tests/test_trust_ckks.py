@@ -392,3 +392,41 @@ def test_backdoor_is_flagged_under_ckks_by_the_released_dormant_share(tmp_path: 
     scalars = [e for e in events if e.get("kind") == "scalar:dormant"]
     assert len(scalars) == 2 * 6  # one per accepted client per round
     assert not any(e["event"] == "ckks_refusal" for e in events)
+
+
+def test_defend_scalars_flags_the_dormant_share_before_the_vote(tmp_path: Path) -> None:
+    """From scalars only: share sqrt(s4 / s2) as mode none's ||x[m]|| / ||x||; a flagged
+    client is never elected, never asked for s3, and its share is in every client's metrics."""
+    rng = np.random.default_rng(3)
+    d = 400
+    mask = np.zeros(d, dtype=bool)
+    mask[:100] = True
+    direction = rng.normal(size=d) * 0.02
+    direction[mask] = 0.0
+    x = {c: direction + rng.normal(size=d) * 0.004 * ~mask for c in range(6)}
+    x[2] = x[2] + np.where(mask, 0.05, 0.0)  # a large part on the dormant-fed weights
+    shares = {c: float(np.linalg.norm(x[c][mask]) / np.linalg.norm(x[c])) for c in x}
+    assert shares[2] > 0.15 > max(v for c, v in shares.items() if c != 2)
+    asked: list[tuple[int, list[int]]] = []
+
+    def trusted_inner(t: int, among: Any) -> dict[int, float]:
+        asked.append((t, list(among)))
+        return {c: float(x[c] @ x[t]) for c in among}
+
+    module = TrustModule(TrustConfig(), reference=lambda w, **_: direction)
+    decision = module.defend_scalars(
+        {c: 10.0 for c in x},
+        reference_inner={c: float(x[c] @ direction) for c in x},
+        reference_norm=float(np.linalg.norm(direction)),
+        squared_norms={c: float(x[c] @ x[c]) for c in x},
+        trusted_inner=trusted_inner,
+        dormant_norms={c: float(x[c][mask] @ x[c][mask]) for c in x},
+        round_index=1,
+        attempt=0,
+        events=EventLog(tmp_path / "events.jsonl"),
+    )
+    assert "dormant on the public shared set" in decision.flagged[2]
+    assert 2 not in decision.kept and decision.trusted_party != 2
+    assert len(asked) == 1 and 2 not in asked[0][1] and asked[0][0] not in asked[0][1]
+    for c in x:
+        assert decision.metrics[c]["dormant_share"] == pytest.approx(shares[c], rel=1e-9)
