@@ -53,6 +53,12 @@ def _check_seed(seed: bytes) -> None:
         raise ConfigError(f"mask PRG seed must be 16 or 32 bytes, got {len(seed)}")
 
 
+#: The keystream context :func:`ctr_encryptor` returns (its ``update`` / ``update_into``
+#: produce keystream XOR input), named here so callers outside ``secfl.crypto`` need not
+#: import the hazardous-materials layer to annotate it.
+KeystreamContext = CipherContext
+
+
 def ctr_encryptor(seed: bytes, start_block: int = 0) -> CipherContext:
     """An AES-CTR keystream context for ``seed`` positioned at block ``start_block``."""
     _check_seed(seed)

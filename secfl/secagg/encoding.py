@@ -31,9 +31,14 @@ words; ``encode_reference`` computes the same numbers with ``np.rint``.
 from __future__ import annotations
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import CipherContext
 
-from secfl.crypto.prg import BLOCK_BYTES, ChunkFill, FillFactory, ctr_encryptor
+from secfl.crypto.prg import (
+    BLOCK_BYTES,
+    ChunkFill,
+    FillFactory,
+    KeystreamContext,
+    ctr_encryptor,
+)
 from secfl.errors import UpdateError
 from secfl.secagg.params import SecAggParams
 
@@ -76,7 +81,7 @@ def encoding_fill(
     zeros = bytes(_JITTER_BYTES * chunk)
     wide = params.word_dtype == np.uint64
 
-    def seek(word: int) -> CipherContext:
+    def seek(word: int) -> KeystreamContext:
         """The rounding stream positioned at jitter word ``word``."""
         start, skip = divmod(_JITTER_BYTES * word, BLOCK_BYTES)
         stream = ctr_encryptor(rounding_seed, start)
