@@ -391,6 +391,37 @@ def run_scheduled(
     return state.history, models, None
 
 
+def skip_task_round(
+    task: TaskFederation, cohort: int, round_index: int, min_cohort: int, events: EventLog
+) -> dict[str, Any] | None:
+    """Whether ``task`` sits this round out: a cohort below ``min_cohort`` or a privacy budget
+    that cannot pay. If so the skip is logged (``strategy_task_skipped``), counted, and its
+    metrics row returned; None when the round runs."""
+    reason = None
+    if cohort < min_cohort:
+        reason = f"cohort {cohort} below aggregation.min_cohort={min_cohort}"
+    elif task.privacy.enabled and task.privacy.check_round(round_index) is not None:
+        reason = f"privacy budget: {task.privacy.stopped}"
+    if reason is None:
+        return None
+    events.emit(
+        "strategy_task_skipped",
+        round=round_index,
+        task=task.name,
+        cohort=cohort,
+        min_cohort=min_cohort,
+        reason=reason,
+    )
+    task.rounds_skipped += 1
+    return {
+        "round": round_index,
+        "skipped": reason,
+        "participants": 0,
+        "round_time_s": 0.0,
+        "clock_s": task.clock_s,
+    }
+
+
 def _run_scheduled_round(
     config: RunConfig,
     round_index: int,
@@ -431,30 +462,9 @@ def _run_scheduled_round(
     min_cohort = config.aggregation.min_cohort
     rows: dict[str, dict[str, Any]] = {}
     for t, (task, devices) in enumerate(zip(tasks, assignment, strict=True)):
-        reason = None
-        if len(devices) < min_cohort:
-            reason = f"cohort {len(devices)} below aggregation.min_cohort={min_cohort}"
-        elif task.privacy.enabled and task.privacy.check_round(round_index) is not None:
-            reason = f"privacy budget: {task.privacy.stopped}"
-        if reason is not None:
-            events.emit(
-                "strategy_task_skipped",
-                round=round_index,
-                task=task.name,
-                cohort=len(devices),
-                min_cohort=min_cohort,
-                reason=reason,
-            )
-            task.rounds_skipped += 1
-            rows[task.name] = {
-                "round": round_index,
-                "skipped": reason,
-                "participants": 0,
-                "round_time_s": 0.0,
-                "clock_s": task.clock_s,
-                "accuracy": float("nan"),
-                "loss": float("nan"),
-            }
+        skipped = skip_task_round(task, len(devices), round_index, min_cohort, events)
+        if skipped is not None:
+            rows[task.name] = {**skipped, "accuracy": float("nan"), "loss": float("nan")}
             continue
         attempt = _attempt_for(round_index, task.events, randomness) if resumed else 0
         outcome = task.server.run_round(round_index, attempt, participants=devices)

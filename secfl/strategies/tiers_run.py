@@ -43,6 +43,7 @@ from secfl.strategies.multitask import (
     _finish,
     _restore,
     build_task,
+    skip_task_round,
 )
 from secfl.strategies.scheduler import jain_index
 from secfl.strategies.tiers import (
@@ -278,28 +279,9 @@ def _run_tiered_round(
     outcomes: dict[int, Any] = {}
     for k, (tier, task) in enumerate(zip(tiers, tasks, strict=True)):
         cohort = _cohort(strategy, tier, task, available, round_index, randomness, min_cohort)
-        reason = None
-        if len(cohort) < min_cohort:
-            reason = f"cohort {len(cohort)} below aggregation.min_cohort={min_cohort}"
-        elif task.privacy.enabled and task.privacy.check_round(round_index) is not None:
-            reason = f"privacy budget: {task.privacy.stopped}"
-        if reason is not None:
-            events.emit(
-                "strategy_task_skipped",
-                round=round_index,
-                task=task.name,
-                cohort=len(cohort),
-                min_cohort=min_cohort,
-                reason=reason,
-            )
-            task.rounds_skipped += 1
-            rows[task.name] = {
-                "round": round_index,
-                "skipped": reason,
-                "participants": 0,
-                "round_time_s": 0.0,
-                "clock_s": task.clock_s,
-            }
+        skipped = skip_task_round(task, len(cohort), round_index, min_cohort, events)
+        if skipped is not None:
+            rows[task.name] = skipped
             continue
         attempt = _attempt_for(round_index, task.events, randomness) if resumed else 0
         outcome = task.server.run_round(round_index, attempt, participants=cohort)
