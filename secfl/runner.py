@@ -304,20 +304,7 @@ def _run(
     history: list[dict[str, Any]] = []
     first_round = 1
     if checkpoint is None:
-        events.emit(
-            "run_started",
-            config_fingerprint=config.fingerprint(),
-            randomness=randomness.mode,
-            secure=randomness.secure,
-            protection=config.aggregation.protection,
-        )
-        if not randomness.secure:
-            events.emit(
-                "insecure_randomness",
-                mode=randomness.mode,
-                reason="security.randomness=seeded: keys, masks and noise are reproducible "
-                "from the seed; simulation and tests only",
-            )
+        announce_run(events, config, randomness)
         rundir.write_json_atomic(
             folder / rundir.CLIENT_DATA_NAME,
             {
@@ -482,6 +469,25 @@ def round_checkpoint(
             **({"trust": trust.state()} if trust is not None else {}),
         },
     )
+
+
+def announce_run(events: EventLog, config: RunConfig, randomness: Randomness) -> None:
+    """The first events of a new run (single-task or strategy): ``run_started`` and, in
+    ``seeded`` mode, the ``insecure_randomness`` warning."""
+    events.emit(
+        "run_started",
+        config_fingerprint=config.fingerprint(),
+        randomness=randomness.mode,
+        secure=randomness.secure,
+        protection=config.aggregation.protection,
+    )
+    if not randomness.secure:
+        events.emit(
+            "insecure_randomness",
+            mode=randomness.mode,
+            reason="security.randomness=seeded: keys, masks and noise are reproducible "
+            "from the seed; simulation and tests only",
+        )
 
 
 def _attempt_for(round_index: int, events: EventLog, randomness: Randomness) -> int:

@@ -322,20 +322,9 @@ def run_scheduled(
     state = StrategyRun(participation=np.zeros(population.count, dtype=np.int64), history=[])
     first_round = 1
     if checkpoint is None:
-        events.emit(
-            "run_started",
-            config_fingerprint=config.fingerprint(),
-            randomness=randomness.mode,
-            secure=randomness.secure,
-            protection=config.aggregation.protection,
-        )
-        if not randomness.secure:
-            events.emit(
-                "insecure_randomness",
-                mode=randomness.mode,
-                reason="security.randomness=seeded: keys, masks and noise are reproducible "
-                "from the seed; simulation and tests only",
-            )
+        from secfl.runner import announce_run
+
+        announce_run(events, config, randomness)
         events.emit(
             "strategy_started",
             strategy="scheduler",

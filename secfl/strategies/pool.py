@@ -287,20 +287,9 @@ def run_pool(
     state = PoolState(errors={n: [] for n in pool.names}, rounds_trained={n: 0 for n in pool.names})
     first_round = 1
     if checkpoint is None:
-        events.emit(
-            "run_started",
-            config_fingerprint=config.fingerprint(),
-            randomness=randomness.mode,
-            secure=randomness.secure,
-            protection=config.aggregation.protection,
-        )
-        if not randomness.secure:
-            events.emit(
-                "insecure_randomness",
-                mode=randomness.mode,
-                reason="security.randomness=seeded: keys, masks and noise are reproducible "
-                "from the seed; simulation and tests only",
-            )
+        from secfl.runner import announce_run
+
+        announce_run(events, config, randomness)
         events.emit(
             "pool_started",
             models=pool.names,
