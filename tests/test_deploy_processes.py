@@ -101,7 +101,7 @@ def _config(folder: Path, protection: str, rounds: int) -> Path:
         "client": {"epochs": 1, "batch_size": 32, "lr": 0.1},
         "evaluation": {"per_client": False},
         "aggregation": {"protection": protection, "min_cohort": 2},
-        "privacy": {"user_level": {"noise_multiplier": 0.3, "delta": 1e-2, "clip_norm": 1.0}},
+        "privacy": {"user_level": {"noise_multiplier": 0.1, "delta": 1e-2, "clip_norm": 1.0}},
     }
     if protection == "ckks":
         raw["aggregation"]["ckks"] = {"clip_range": 4.0}
