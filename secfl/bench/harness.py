@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -34,11 +37,46 @@ def run_in_processes(
     this one). ``run_one`` must be a module-level function (it is pickled by name)."""
     unique = list(dict.fromkeys(cases))
     if workers <= 1 or len(unique) <= 1:
-        return {c: run_one(c, str(workdir)) for c in unique}
+        return {c: run_kept(run_one, c, str(workdir)) for c in unique}
     # spawn: a fresh interpreter per worker (torch and OpenMP state are not fork-safe)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {c: pool.submit(run_one, c, str(workdir)) for c in unique}
+        futures = {c: pool.submit(run_kept, run_one, c, str(workdir)) for c in unique}
         return {c: future.result() for c, future in futures.items()}
+
+
+#: Environment variable naming a work folder that outlives the bench run (see bench_workdir).
+WORKDIR_ENV = "SECFL_BENCH_WORKDIR"
+
+
+def run_kept(run_one: Callable[[CaseT, str], dict[str, Any]], case: CaseT, workdir: str) -> Any:
+    """``run_one(case, workdir)``, its result also written to ``<workdir>/<name>/result.json``
+    where the case has a ``name``; a result already there is reused, so a bench run
+    interrupted in a kept work folder (``SECFL_BENCH_WORKDIR``) picks up where it stopped.
+    A run interrupted before its result was written starts over in a clean folder."""
+    name = getattr(case, "name", None)
+    if not isinstance(name, str):
+        return run_one(case, workdir)
+    done = Path(workdir) / name / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    shutil.rmtree(done.parent, ignore_errors=True)
+    out = run_one(case, workdir)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(out))
+    return out
+
+
+@contextmanager
+def bench_workdir() -> Iterator[Path]:
+    """The runs' work folder: ``$SECFL_BENCH_WORKDIR`` when set (kept, and reused by
+    :func:`run_kept`), otherwise a temporary folder removed afterwards."""
+    kept = os.environ.get(WORKDIR_ENV)
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        yield Path(kept)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
 
 
 @dataclass(frozen=True)

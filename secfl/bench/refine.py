@@ -37,11 +37,8 @@ machine's load (``machine``).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -50,7 +47,12 @@ from typing import Any
 
 import numpy as np
 
-from secfl.bench.harness import BenchSettings, register_benchmark, run_in_processes
+from secfl.bench.harness import (
+    BenchSettings,
+    bench_workdir,
+    register_benchmark,
+    run_in_processes,
+)
 
 DATASETS = ("digits", "mnist1d")
 PARTITIONS: dict[str, dict[str, Any]] = {
@@ -242,21 +244,7 @@ def synthetic_fidelity(
 
 def run_case(case: Case, workdir: str) -> dict[str, Any]:
     """Run ``case``: final accuracy, refine seconds and memorisation ratios of every refined
-    round, and the fidelity of the last synthetic set (inversion variants). The result is
-    also written to ``<workdir>/<case>/result.json``; a result already there is reused (a
-    bench run interrupted in a kept work folder, ``SECFL_BENCH_WORKDIR``, picks up there)."""
-    done = Path(workdir) / case.name / "result.json"
-    if done.exists():
-        kept: dict[str, Any] = json.loads(done.read_text())
-        return kept
-    # a run that was interrupted before its result was written starts over in a clean folder
-    shutil.rmtree(done.parent, ignore_errors=True)
-    out = _run_case(case, workdir)
-    done.write_text(json.dumps(out))
-    return out
-
-
-def _run_case(case: Case, workdir: str) -> dict[str, Any]:
+    round, and the fidelity of the last synthetic set (inversion variants)."""
     from secfl.data.federated import build_federated_data
     from secfl.randomness import Randomness
     from secfl.record.checkpoint import read_checkpoint
@@ -559,12 +547,7 @@ def measure(settings: BenchSettings, workdir: Path, workers: int) -> dict[str, A
 )
 def bench_refine(settings: BenchSettings) -> dict[str, Any]:
     workers = 1 if settings.smoke else WORKERS
-    kept = os.environ.get("SECFL_BENCH_WORKDIR")
-    if kept:
-        Path(kept).mkdir(parents=True, exist_ok=True)
-        measured = measure(settings, Path(kept), workers)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            measured = measure(settings, Path(tmp), workers)
+    with bench_workdir() as workdir:
+        measured = measure(settings, workdir, workers)
     figures = measured["figures"]
     return {**figures, "goals": dict(GOALS), "details": measured["details"]}

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -45,7 +44,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from secfl.bench.harness import BenchSettings, register_benchmark, run_in_processes
+from secfl.bench.harness import (
+    BenchSettings,
+    bench_workdir,
+    register_benchmark,
+    run_in_processes,
+)
 
 _EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NONE_CONFIG = "digits_trust.yaml"
@@ -664,8 +668,8 @@ def ckks_scalar_timing(settings: BenchSettings) -> dict[str, Any]:
 )
 def bench_trust(settings: BenchSettings) -> dict[str, Any]:
     workers = 1 if settings.smoke else WORKERS
-    with tempfile.TemporaryDirectory() as tmp:
-        measured = measure_matrix(settings, Path(tmp), workers)
+    with bench_workdir() as workdir:
+        measured = measure_matrix(settings, workdir, workers)
     timing = ckks_scalar_timing(settings)
     figures = measured["figures"]
     figures["ckks_trust_s_per_client_per_1e6"] = timing["ckks_trust_s_per_client_per_1e6"]
