@@ -268,6 +268,11 @@ def _serve(
             started = time.monotonic()
             attempt = next_attempt(read_events(events.path), round_index)
             outcome = server.run_round(round_index, attempt)
+            if trust is not None and outcome.aggregate is not None:
+                # trust.dormant.reset on the revealed global model, as secfl.run does
+                trust.after_round(
+                    server.weights, round_index=round_index, attempt=attempt, events=events
+                )
             if privacy.enabled:
                 privacy.record_round(outcome)
             row = _record(config, outcome, model, server.weights, data.test, events)
