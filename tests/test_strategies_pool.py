@@ -19,10 +19,14 @@ import pytest
 from scipy.stats import chisquare
 
 import secfl.strategies.pool as pool_module
-from secfl.config import RunConfig, config_from_dict
+from secfl.audit.events import read_events
+from secfl.config import RunConfig, config_from_dict, load_config
 from secfl.errors import ConfigError
+from secfl.messages import FitRes
 from secfl.randomness import Randomness
+from secfl.record.checkpoint import read_checkpoint
 from secfl.runner import run
+from secfl.server.aggregate import WeightedSum
 from secfl.strategies.pool_assign import (
     PoolAssignment,
     PoolAssignmentError,
@@ -35,6 +39,7 @@ from secfl.strategies.pool_select import (
     eliminate,
     has_converged,
 )
+from secfl.wire import decode_message
 
 MODELS = ("a", "b", "c", "d")
 
@@ -331,3 +336,244 @@ def test_bench_smoke_reports_pool_keys() -> None:
     assert figures["pool_acceptable_set_size"] == len(per_seed["acceptable"]) >= 1
     assert set(per_seed["shared"]) <= set(per_seed["acceptable"])
     assert per_seed["rounds_run"] == 3
+
+
+# ---------------------------------------------------------------------------- trust per cohort
+
+
+def _trust_raw(
+    protection: str = "none", rounds: int = 3, trust: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """12 clients, two of them sign-flippers (scale -5); two models a round, cohorts of 6."""
+    raw = _config(protection, rounds=rounds, stop_when_converged=False).to_dict()
+    raw["trust"] = trust if trust is not None else {"defense": "vote"}
+    raw["adversary"] = {"attack": "sign_flip", "count": 2}
+    return raw
+
+
+def _trust_config(
+    protection: str = "none", rounds: int = 3, trust: dict[str, Any] | None = None
+) -> RunConfig:
+    return config_from_dict(_trust_raw(protection, rounds, trust))
+
+
+def _events(folder: Path, *kinds: str) -> list[dict[str, Any]]:
+    return [e for e in read_events(folder / "events.jsonl") if e["event"] in kinds]
+
+
+def _attackers(folder: Path) -> set[int]:
+    return {int(c) for c in _events(folder, "adversary_selected")[0]["clients"]}
+
+
+def _cohorts(folder: Path) -> dict[tuple[int, str], list[int]]:
+    """(round, model) -> the cohort the pool dealt it."""
+    return {
+        (e["round"], name): cohort
+        for e in _events(folder, "pool_assignment")
+        for name, cohort in e["cohorts"].items()
+    }
+
+
+class _UpdateRecorder:
+    """Passes a base model's exchanges through and keeps every client's decoded reply."""
+
+    def __init__(self, inner: Any, seen: dict[tuple[int, int], FitRes]) -> None:
+        self.inner, self.seen = inner, seen
+
+    def exchange(self, requests: Mapping[int, bytes]) -> dict[int, bytes | None]:
+        replies = self.inner.exchange(requests)
+        for client_id, reply in replies.items():
+            if reply is not None:
+                res = decode_message(reply)
+                assert isinstance(res, FitRes)
+                self.seen[(res.round, client_id)] = res
+        return replies
+
+
+def test_trust_flags_each_cohorts_attackers_and_keeps_them_out_of_the_sum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replies: dict[str, dict[tuple[int, int], FitRes]] = {}
+    outcomes: dict[str, list[Any]] = {}
+    original = pool_module.build_pool
+
+    def recording(*args: Any, **kw: Any) -> Any:
+        pool = original(*args, **kw)
+        for fed in pool.models:
+            seen = replies.setdefault(fed.name, {})
+            fed.server.transport = _UpdateRecorder(fed.server.transport, seen)
+            run_round, kept = fed.server.run_round, outcomes.setdefault(fed.name, [])
+
+            def keep(*a: Any, _run: Any = run_round, _kept: Any = kept, **k: Any) -> Any:
+                outcome = _run(*a, **k)
+                _kept.append(outcome)
+                return outcome
+
+            fed.server.run_round = keep
+        return pool
+
+    monkeypatch.setattr(pool_module, "build_pool", recording)
+    out = tmp_path / "r"
+    _quiet_run(_trust_config("none", rounds=3), out)
+    attackers = _attackers(out)
+    cohorts = _cohorts(out)
+    assert len(attackers) == 2
+    checked = 0
+    for name, rounds in outcomes.items():
+        folder = out / "tasks" / name
+        # one adversary for the pool: every model's log names the same malicious clients
+        assert _attackers(folder) == attackers
+        for outcome in rounds:
+            cohort = cohorts[(outcome.round, name)]
+            assert sorted(outcome.participants) == cohort  # the trust ran over this cohort
+            flagged = {
+                e["client"] for e in _events(folder, "trust_flag") if e["round"] == outcome.round
+            }
+            # the attackers dealt to this model are flagged in its log, nobody else is
+            assert flagged == attackers & set(cohort)
+            agg = outcome.aggregate
+            assert agg is not None
+            assert set(agg.survivors) == set(cohort) - flagged
+            assert flagged <= set(agg.dropped)
+            # the released mean is exactly the weighted mean of the kept clients' updates
+            total = WeightedSum(agg.mean_update.size)
+            for c in agg.survivors:
+                res = replies[name][(outcome.round, c)]
+                total.add(c, res.update, float(res.num_samples))
+            assert np.array_equal(agg.mean_update, total.weighted_mean())
+            if flagged:
+                everyone = WeightedSum(agg.mean_update.size)
+                for c in cohort:
+                    res = replies[name][(outcome.round, c)]
+                    everyone.add(c, res.update, float(res.num_samples))
+                assert not np.allclose(agg.mean_update, everyone.weighted_mean())
+                checked += 1
+    assert checked >= 3  # the attackers reached at least three model rounds
+
+
+def test_trust_under_masking_splits_each_cohort_and_resumes_exactly(tmp_path: Path) -> None:
+    config = _trust_config(
+        "masking", rounds=5, trust={"defense": "vote", "suspicion": {"bound": 3.0}}
+    )
+    whole = _quiet_run(config, tmp_path / "whole")
+    out = tmp_path / "whole"
+    attackers = _attackers(out)
+    cohorts = _cohorts(out)
+    flagged_members: set[int] = set()
+    for name in ("m32", "m16", "m64"):
+        folder = out / "tasks" / name
+        for split in _events(folder, "secagg_cohorts"):
+            blocks = [sorted(b) for b in split["cohorts"]]
+            cohort = cohorts[(split["round"], name)]
+            # the sub-cohorts partition exactly this model's cohort, each >= min_cohort
+            assert sorted(c for b in blocks for c in b) == cohort
+            assert len(blocks) == len(cohort) // 3 and all(len(b) >= 3 for b in blocks)
+        completed = {e["round"]: e for e in _events(folder, "round_completed")}
+        # trust.dormant.reset (on under masking) acts on every model round that released
+        pruned = {e["round"] for e in _events(folder, "trust_prune")}
+        assert pruned == {r for r, e in completed.items() if e["survivors"]}
+        for flag in _events(folder, "trust_cohort_flag"):
+            members = set(flag["members"])
+            assert members & attackers  # every flagged sub-cohort holds an attacker
+            assert not members & set(completed[flag["round"]]["survivors"])
+            flagged_members |= members
+    assert attackers <= flagged_members
+    # suspicion is per client across the pool: both attackers reach the bound (3 flags, in
+    # any models) and are left out before the assignment of every later round
+    excluded = {e["client"]: e["round"] for e in _events(out, "trust_excluded")}
+    assert set(excluded) == attackers
+    for (round_index, _), cohort in cohorts.items():
+        assert not {c for c, r in excluded.items() if r <= round_index} & set(cohort)
+
+    _quiet_run(config, tmp_path / "cut", stop_after=2)
+    resumed = _quiet_run(config, tmp_path / "cut", resume=True)
+    _assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "cut")
+
+
+def test_trust_under_ckks_flags_from_the_cohorts_scalars(tmp_path: Path) -> None:
+    raw = _trust_raw("ckks", rounds=1)
+    raw["data"]["num_clients"] = 6
+    raw["server"]["strategy"]["models"] = raw["server"]["strategy"]["models"][:2]
+    raw["server"]["strategy"]["models_per_round"] = 1
+    raw["aggregation"]["ckks"] = {"preset": "trust"}
+    raw["adversary"]["count"] = 1
+    out = tmp_path / "r"
+    _quiet_run(config_from_dict(raw), out)
+    ((_, name), cohort), *_ = _cohorts(out).items()
+    folder = out / "tasks" / name
+    attackers = _attackers(out)
+    assert _attackers(folder) == attackers and attackers <= set(cohort)
+    assert {e["client"] for e in _events(folder, "trust_flag")} == attackers
+    (done,) = _events(folder, "round_completed")
+    assert done["survivors"] == sorted(set(cohort) - attackers)
+    dropped = {e["client"] for e in _events(folder, "client_dropped") if e["stage"] == "trust"}
+    assert dropped == attackers
+
+
+def _trust_log(folder: Path) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in e.items() if k not in ("seq", "time")}
+        for e in read_events(folder / "events.jsonl")
+        if e["event"].startswith(("trust_", "secagg_cohort", "adversary_", "pool_assignment"))
+    ]
+
+
+def _assert_same_run(whole: Any, resumed: Any, a: Path, b: Path) -> None:
+    def rows(history: list[dict[str, Any]]) -> str:  # as JSON: NaN (not evaluated) == NaN
+        stripped = [{k: v for k, v in r.items() if k != "time_s"} for r in history]
+        return json.dumps(stripped, sort_keys=True)
+
+    assert rows(resumed.history) == rows(whole.history)
+    assert _trust_log(b) == _trust_log(a)
+    for name in ("m32", "m16", "m64"):
+        assert _trust_log(b / "tasks" / name) == _trust_log(a / "tasks" / name)
+        for x, y in zip(
+            whole.models[name].state_dict().values(),
+            resumed.models[name].state_dict().values(),
+            strict=True,
+        ):
+            assert np.array_equal(x.numpy(), y.numpy())
+    assert (a / "pool.json").read_text() == (b / "pool.json").read_text()
+
+
+def test_kill_and_resume_with_trust_is_bit_identical(tmp_path: Path) -> None:
+    # centered clipping keeps a centre per base model (checkpoint arrays NAME.trust.center)
+    # beside the per-client reputations shared by the pool
+    config = _trust_config("none", rounds=4, trust={"defense": "centered_clipping"})
+    whole = _quiet_run(config, tmp_path / "whole")
+    _quiet_run(config, tmp_path / "cut", stop_after=2)
+    resumed = _quiet_run(config, tmp_path / "cut", resume=True)
+    _assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "cut")
+    saved = read_checkpoint(tmp_path / "cut", expected_fingerprint=config.fingerprint())
+    assert {k for k in saved.arrays if ".trust." in k} == {
+        f"{n}.trust.center" for n in ("m32", "m16", "m64")
+    }
+    assert saved.state["trust"]["defense"] == "centered_clipping"
+
+
+def test_pool_trust_refusals(tmp_path: Path) -> None:
+    raw = _trust_raw()
+    raw["refine"] = {"shared": {}}
+    with pytest.raises(ConfigError, match=r"'pool' does not support \['refine'\].*allowed"):
+        _quiet_run(config_from_dict(raw), tmp_path / "refine")
+    raw = _trust_raw("masking", trust={"defense": "median"})
+    with pytest.raises(ConfigError, match="allowed: vote"):
+        config_from_dict(raw)
+    with pytest.raises(ConfigError, match="needs the evaluation keys of preset 'trust'"):
+        _trust_config("ckks")
+    # the other strategies still refuse trust and adversaries with their current errors
+    from secfl.strategies.multitask import check_strategy_config
+    from secfl.strategies.tiers_run import check_tiers_config
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    for path, check, kind in (
+        ("scheduler.yaml", check_strategy_config, "scheduler"),
+        ("mnist1d_tiers.yaml", check_tiers_config, "tiers"),
+    ):
+        other = load_config(root / path).with_overrides(
+            trust={"defense": "vote"}, adversary={"attack": "sign_flip", "count": 1}
+        )
+        with pytest.raises(
+            ConfigError, match=rf"'{kind}' does not support \['adversary', 'trust'\] yet"
+        ):
+            check(other)

@@ -56,8 +56,10 @@ from secfl.strategies.scheduler import (
     make_policy,
     task_round_times,
 )
+from secfl.transport.base import Transport
 from secfl.transport.dropout import with_simulated_dropouts
 from secfl.transport.inprocess import InProcessTransport
+from secfl.trust.defense import TrustModule, build_trust
 
 register_event(
     "strategy_started",
@@ -109,6 +111,8 @@ class TaskFederation:
     clock_s: float = 0.0
     rounds_run: int = 0
     rounds_skipped: int = 0
+    #: The task's trust module (the model pool only; the other strategies refuse ``trust``).
+    trust: TrustModule | None = None
 
     @property
     def name(self) -> str:
@@ -151,11 +155,18 @@ def build_task(
     fresh: bool,
     clock: Callable[[], float] = time.time,
     model_builder: Callable[[FederatedData, bool], nn.Module] | None = None,
+    trust: bool = False,
+    adversary: Callable[[Transport, list[ClientApp], EventLog], Transport] | None = None,
 ) -> TaskFederation:
-    """A task's federation, wired like ``secfl.run`` wires one (no adversary, trust or
-    refinement: the configuration refuses them with a strategy). ``model_builder(data,
-    initial)`` replaces the task's model (``initial``: the round-0 global model, seeded
-    initialisation; otherwise a client's template, whose weights are overwritten)."""
+    """A task's federation, wired like ``secfl.run`` wires one (no refinement; adversary
+    and trust only when asked for: the model pool wires them, the scheduler and tiers
+    configurations refuse them). ``model_builder(data, initial)`` replaces the task's model
+    (``initial``: the round-0 global model, seeded initialisation; otherwise a client's
+    template, whose weights are overwritten). ``trust``: build the task's trust module from
+    ``trust:`` (:func:`~secfl.trust.defense.build_trust`, over the task's own model and the
+    public shared set) and give it to the protection. ``adversary(inner, clients, events)``
+    wraps the clients' transport inside the dropout simulator, where ``secfl.run`` puts
+    its adversary."""
     from secfl.runner import _receipt_book, initial_model, make_protection
 
     cfg = task_config(config, task)
@@ -193,8 +204,11 @@ def build_task(
         )
         for i, part in enumerate(data.clients)
     ]
+    inner: Transport = InProcessTransport({c.client_id: c.handle for c in clients})
+    if adversary is not None:
+        inner = adversary(inner, clients, task_events)
     transport = with_simulated_dropouts(
-        InProcessTransport({c.client_id: c.handle for c in clients}),
+        inner,
         cfg.simulation,
         protection=cfg.aggregation.protection,
         randomness=randomness,
@@ -202,12 +216,25 @@ def build_task(
     )
     # outermost, as in a single-task run: it hashes exactly the bytes the server exchanges
     recorder = TranscriptRecorder(transport)
+    defense = (
+        build_trust(
+            cfg,
+            model_factory=model_factory,
+            shared=data.shared,
+            randomness=randomness,
+            events=task_events,
+        )
+        if trust
+        else None
+    )
     optimizer = make_server_optimizer(cfg.server, weights.size)
     server = FederatedServer(
         config=cfg,
         weights=weights,
         optimizer=optimizer,
-        protection=make_protection(cfg, clients, randomness, task_events, user_level=user_level),
+        protection=make_protection(
+            cfg, clients, randomness, task_events, user_level=user_level, trust=defense
+        ),
         transport=recorder,
         client_ids=[c.client_id for c in clients],
         randomness=randomness,
@@ -232,6 +259,7 @@ def build_task(
         model=model_factory(),
         workload=workload,
         receipts=ReceiptIssuer(events=task_events, recorder=recorder),
+        trust=defense,
     )
 
 
