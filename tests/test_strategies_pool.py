@@ -577,3 +577,18 @@ def test_pool_trust_refusals(tmp_path: Path) -> None:
             ConfigError, match=rf"'{kind}' does not support \['adversary', 'trust'\] yet"
         ):
             check(other)
+
+
+def test_pool_trust_example_and_the_single_subcohort_notice() -> None:
+    root = Path(__file__).resolve().parent.parent / "examples"
+    example = load_config(root / "digits_pool_trust.yaml")
+    strategy = pool_module.check_pool_config(example)
+    assert example.trust is not None and example.adversary is not None
+    assert example.aggregation.protection == "masking"
+    # 30 clients, 2 models a round: cohorts of 15, three sub-cohorts of 5 each
+    assert pool_module.single_subcohort_notice(example, strategy) is None
+    small = _trust_config("masking").with_overrides(**{"aggregation.min_cohort": 4})
+    notice = pool_module.single_subcohort_notice(small, pool_module.check_pool_config(small))
+    assert notice is not None and "cohorts of at least 6" in notice and "single candidate" in notice
+    plain = _trust_config("none").with_overrides(**{"aggregation.min_cohort": 4})
+    assert pool_module.single_subcohort_notice(plain, pool_module.check_pool_config(plain)) is None
