@@ -899,9 +899,10 @@ class InversionSettingsConfig(StrictModel):
     feature_stats: Annotated[float, Field(ge=0, le=1e6)] = 1.0
     #: The synthetic inputs' per-feature std is matched to this multiple of the released
     #: population std (0: only the mean is matched). At exactly 1 the samples sit as near the
-    #: training records as unseen records do (memorisation ratio ~1.0 on MNIST-1D); 1.05 keeps
-    #: them off the records (see docs/refinement.md).
-    input_spread: Annotated[float, Field(ge=0, le=10)] = 1.05
+    #: training records as unseen records do (memorisation ratio ~1.0 on MNIST-1D). ``null``
+    #: (default): 1.05, or 1.12 when ``refine.shared`` also fine-tunes the model on real
+    #: records, which pulls its inversions towards them (see docs/refinement.md).
+    input_spread: Annotated[float, Field(ge=0, le=10)] | None = None
     #: Input features whose std is at most this fraction of the median feature's (constant
     #: border pixels) are held at their mean, on the data's support (0: off).
     support_floor: Annotated[float, Field(ge=0, lt=1)] = 0.05

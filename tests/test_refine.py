@@ -172,6 +172,16 @@ def test_input_spread_sets_the_synthetic_inputs_spread(trained_digits) -> None:
     assert spread[1.5] / spread[1.0] > 1.3
 
 
+def test_input_spread_default_widens_when_the_model_is_also_tuned_on_shared_records() -> None:
+    from secfl.config import RefineServerInversionConfig
+
+    default = RefineServerInversionConfig()
+    assert InversionSettings.of(default).input_spread == 1.05
+    assert InversionSettings.of(default, shared_tuning=True).input_spread == 1.12
+    explicit = RefineServerInversionConfig(input_spread=1.0)
+    assert InversionSettings.of(explicit, shared_tuning=True).input_spread == 1.0
+
+
 def test_inversion_holds_features_outside_the_datas_support_at_their_mean(trained_digits) -> None:
     """Border pixels constant in the data stay constant in the synthetic samples, so client
     augmentation never trains the weights they feed (the trust module's dormant-unit rule

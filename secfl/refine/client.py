@@ -37,6 +37,7 @@ class ClientAugmenter:
         input_shape: tuple[int, ...],
         randomness: Randomness,
         party: str,
+        shared_tuning: bool = False,
     ) -> None:
         self._data = data
         self._config = config
@@ -44,7 +45,7 @@ class ClientAugmenter:
         self._input_shape = input_shape
         self._randomness = randomness
         self._party = party
-        self._settings = InversionSettings.of(config)
+        self._settings = InversionSettings.of(config, shared_tuning=shared_tuning)
         self.last: SyntheticSet | None = None
 
     def __call__(self, ins: FitIns) -> Dataset:

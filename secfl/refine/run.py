@@ -56,6 +56,7 @@ def build_refiner(
                 input_shape=data.input_shape,
                 randomness=randomness,
                 party=client.party,
+                shared_tuning=refine.shared is not None,
             )
     moments = None
     inversion = refine.server_inversion

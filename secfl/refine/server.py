@@ -173,7 +173,7 @@ class ServerRefiner:
             self._models(teacher_weights),
             input_shape=self._input_shape,
             classes=range(self._num_classes),
-            settings=InversionSettings.of(inversion),
+            settings=InversionSettings.of(inversion, shared_tuning=self.config.shared is not None),
             stream=self._randomness.stream(
                 "refine.inversion_init", round_index=round_index, attempt=attempt
             ),
