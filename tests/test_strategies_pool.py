@@ -561,22 +561,6 @@ def test_pool_trust_refusals(tmp_path: Path) -> None:
         config_from_dict(raw)
     with pytest.raises(ConfigError, match="needs the evaluation keys of preset 'trust'"):
         _trust_config("ckks")
-    # the other strategies still refuse trust and adversaries with their current errors
-    from secfl.strategies.multitask import check_strategy_config
-    from secfl.strategies.tiers_run import check_tiers_config
-
-    root = Path(__file__).resolve().parent.parent / "examples"
-    for path, check, kind in (
-        ("scheduler.yaml", check_strategy_config, "scheduler"),
-        ("mnist1d_tiers.yaml", check_tiers_config, "tiers"),
-    ):
-        other = load_config(root / path).with_overrides(
-            trust={"defense": "vote"}, adversary={"attack": "sign_flip", "count": 1}
-        )
-        with pytest.raises(
-            ConfigError, match=rf"'{kind}' does not support \['adversary', 'trust'\] yet"
-        ):
-            check(other)
 
 
 def test_pool_trust_example_and_the_single_subcohort_notice() -> None:

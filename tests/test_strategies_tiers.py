@@ -309,3 +309,147 @@ def test_sample_level_dp_is_accounted_per_tier(tmp_path: Path) -> None:
         ledger = json.loads((out / "tasks" / name / "ledger.json").read_text())
         charged = {c for c, v in ledger["cumulative"]["clients"].items() if v["epsilon"] > 0}
         assert trained and charged == trained, name
+
+
+# ---------------------------------------------------------------------------- trust per tier
+
+
+def _trust_config(protection: str = "none", trust: dict[str, Any] | None = None) -> RunConfig:
+    """The tiny tiers (small, merged: 7 members; large: 5), every member every round, two
+    sign-flippers (scale -5), transfer on from round 1."""
+    raw = _tiny(protection, fraction=1.0).to_dict()
+    raw["trust"] = trust if trust is not None else {"defense": "vote"}
+    raw["adversary"] = {"attack": "sign_flip", "count": 2}
+    return config_from_dict(raw)
+
+
+class _UpdateRecorder:
+    """Passes a tier's exchanges through and keeps every client's decoded reply."""
+
+    def __init__(self, inner: Any, seen: dict[tuple[int, int], Any]) -> None:
+        self.inner, self.seen = inner, seen
+
+    def exchange(self, requests: Any) -> dict[int, bytes | None]:
+        from secfl.messages import FitRes
+        from secfl.wire import decode_message
+
+        replies = self.inner.exchange(requests)
+        for client_id, reply in replies.items():
+            if reply is not None:
+                res = decode_message(reply)
+                assert isinstance(res, FitRes)
+                self.seen[(res.round, client_id)] = res
+        return replies
+
+
+def _of(path: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in _events(path) if e["event"] == kind]
+
+
+def test_trust_flags_each_tiers_attackers_and_keeps_them_out_of_its_sum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import secfl.strategies.tiers_run as tiers_run
+    from secfl.server.aggregate import WeightedSum
+
+    replies: dict[str, dict[tuple[int, int], Any]] = {}
+    outcomes: dict[str, list[Any]] = {}
+    original = tiers_run.build_task
+
+    def recording(*args: Any, **kw: Any) -> Any:
+        task = original(*args, **kw)
+        seen = replies.setdefault(task.name, {})
+        task.server.transport = _UpdateRecorder(task.server.transport, seen)
+        run_round, kept = task.server.run_round, outcomes.setdefault(task.name, [])
+
+        def keep(*a: Any, **k: Any) -> Any:
+            outcome = run_round(*a, **k)
+            kept.append(outcome)
+            return outcome
+
+        task.server.run_round = keep
+        return task
+
+    monkeypatch.setattr(tiers_run, "build_task", recording)
+    out = tmp_path / "r"
+    _quiet_run(_trust_config("none"), out)
+    (selected,) = _of(out / "events.jsonl", "adversary_selected")
+    attackers = set(selected["clients"])
+    (started,) = _of(out / "events.jsonl", "tiers_started")
+    assert len(attackers) == 2
+    checked = 0
+    for name, tier in started["tiers"].items():
+        log = out / "tasks" / name / "events.jsonl"
+        # one adversary for the run: every tier's log names the same malicious clients
+        assert {c for e in _of(log, "adversary_selected") for c in e["clients"]} == attackers
+        assert len(outcomes[name]) == 2
+        for outcome in outcomes[name]:
+            cohort = sorted(outcome.participants)
+            assert cohort == sorted(tier["members"])  # fraction 1: the tier's round cohort
+            flagged = {e["client"] for e in _of(log, "trust_flag") if e["round"] == outcome.round}
+            # the attackers in this tier are flagged in its log, nobody else is
+            assert flagged == attackers & set(cohort)
+            agg = outcome.aggregate
+            assert agg is not None and set(agg.survivors) == set(cohort) - flagged
+            # the released mean (before the transfer) is exactly the kept clients' mean
+            total = WeightedSum(agg.mean_update.size)
+            for c in agg.survivors:
+                res = replies[name][(outcome.round, c)]
+                total.add(c, res.update, float(res.num_samples))
+            assert np.array_equal(agg.mean_update, total.weighted_mean())
+            checked += bool(flagged)
+    assert checked >= 2  # the attackers' tiers flagged them in both rounds
+    # the transfer still ran between the defended tiers
+    assert [e["round"] for e in _of(out / "events.jsonl", "tiers_transfer")] == [1, 2]
+
+
+def test_kill_and_resume_with_trust_is_bit_identical(tmp_path: Path) -> None:
+    """Centered clipping keeps a centre per tier (checkpoint arrays NAME.trust.center)
+    beside the per-client reputations shared by the tiers."""
+    from secfl.record.checkpoint import read_checkpoint
+
+    config = _trust_config("none", trust={"defense": "centered_clipping"}).with_overrides(rounds=3)
+    whole = _quiet_run(config, tmp_path / "whole")
+    _quiet_run(config, tmp_path / "cut", stop_after=1)
+    resumed = _quiet_run(config, tmp_path / "cut", resume=True)
+
+    def rows(history: list[dict[str, Any]]) -> str:
+        stripped = [{k: v for k, v in r.items() if k != "time_s"} for r in history]
+        return json.dumps(stripped, sort_keys=True)  # NaN (not evaluated) == NaN
+
+    assert rows(resumed.history) == rows(whole.history)
+    for name, model in whole.models.items():
+        for a, b in zip(
+            model.state_dict().values(), resumed.models[name].state_dict().values(), strict=True
+        ):
+            assert np.array_equal(a.numpy(), b.numpy())
+    saved = read_checkpoint(tmp_path / "cut", expected_fingerprint=config.fingerprint())
+    assert {k for k in saved.arrays if ".trust." in k} == {
+        "small.trust.center",
+        "large.trust.center",
+    }
+    assert saved.state["trust"]["defense"] == "centered_clipping"
+
+
+def test_trust_refusals(tmp_path: Path) -> None:
+    from secfl.strategies.tiers_run import check_tiers_config
+
+    raw = _trust_config().to_dict()
+    raw["refine"] = {"shared": {}}
+    with pytest.raises(
+        ConfigError, match=r"'tiers' does not support \['refine'\].*allowed.*trust, adversary"
+    ):
+        check_tiers_config(config_from_dict(raw))
+    # trust does not lift the user-level refusal (its noise plans for a fixed cohort)
+    user = {"noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-3}
+    with pytest.raises(ConfigError, match=r"\['privacy.user_level'\]"):
+        check_tiers_config(_trust_config().with_overrides(**{"privacy.user_level": user}))
+    with pytest.raises(ConfigError, match="allowed: vote"):
+        _trust_config("masking", trust={"defense": "median"})
+    with pytest.raises(ConfigError, match="shared"):
+        _quiet_run(
+            _trust_config().with_overrides(
+                **{"data.shared.per_class": 0, "server.strategy.transfer": None}
+            ),
+            tmp_path / "noshared",
+        )

@@ -10,6 +10,13 @@ A cohort smaller than ``aggregation.min_cohort`` is never run: the task skips th
 (``strategy_task_skipped``). Because the strategy only chooses participants, every
 protection mode works unchanged.
 
+Trust and adversary (``trust:``, ``adversary:``; :mod:`secfl.strategies.cohort_trust`, as
+the model pool): each task has its own trust module, which runs inside the task's round
+over exactly the devices the scheduler assigned it; reputation and suspicion are per
+device, shared by every task's module (a device is one client of every task); under
+``masking`` a device whose suspicion reached the bound is made ineligible before the
+assignment. One adversary (one set of malicious devices) attacks every task.
+
 The run directory holds the usual files at the top (``metrics.json`` with one row per round
 and the per-task rows under ``tasks``, ``events.jsonl`` with the scheduler's decisions, one
 checkpoint for everything) and one folder per task under ``tasks/NAME/`` (its event log,
@@ -34,7 +41,13 @@ from secfl.audit.receipts import ReceiptIssuer
 from secfl.audit.transcript import TranscriptRecorder
 from secfl.client.app import ClientApp
 from secfl.client.trainer import evaluate
-from secfl.config import FixedSampling, RunConfig, SchedulerStrategy, SchedulerTaskConfig
+from secfl.config import (
+    DataConfig,
+    FixedSampling,
+    RunConfig,
+    SchedulerStrategy,
+    SchedulerTaskConfig,
+)
 from secfl.data.federated import FederatedData, build_federated_data
 from secfl.encode.flatten import flatten_parameters, load_parameters, model_hash
 from secfl.errors import ConfigError
@@ -47,6 +60,7 @@ from secfl.record.checkpoint import Checkpoint, write_checkpoint
 from secfl.record.report import write_report
 from secfl.server.loop import FederatedServer
 from secfl.server.optimizers import ServerOptimizer, make_server_optimizer
+from secfl.strategies import cohort_trust
 from secfl.strategies.devices import DevicePopulation, TaskWorkload, workload_of
 from secfl.strategies.scheduler import (
     AssignmentPolicy,
@@ -111,7 +125,8 @@ class TaskFederation:
     clock_s: float = 0.0
     rounds_run: int = 0
     rounds_skipped: int = 0
-    #: The task's trust module (the model pool only; the other strategies refuse ``trust``).
+    #: The task's trust module (with ``trust:``); its reputation and suspicion are shared
+    #: with the other federations' (:func:`secfl.strategies.cohort_trust.share_trust_state`).
     trust: TrustModule | None = None
 
     @property
@@ -159,10 +174,10 @@ def build_task(
     adversary: Callable[[Transport, list[ClientApp], EventLog], Transport] | None = None,
 ) -> TaskFederation:
     """A task's federation, wired like ``secfl.run`` wires one (no refinement; adversary
-    and trust only when asked for: the model pool wires them, the scheduler and tiers
-    configurations refuse them). ``model_builder(data, initial)`` replaces the task's model
-    (``initial``: the round-0 global model, seeded initialisation; otherwise a client's
-    template, whose weights are overwritten). ``trust``: build the task's trust module from
+    and trust only when asked for: every strategy wires them through
+    :mod:`secfl.strategies.cohort_trust`). ``model_builder(data, initial)`` replaces the
+    task's model (``initial``: the round-0 global model, seeded initialisation; otherwise a
+    client's template, whose weights are overwritten). ``trust``: build the task's trust module from
     ``trust:`` (:func:`~secfl.trust.defense.build_trust`, over the task's own model and the
     public shared set) and give it to the protection. ``adversary(inner, clients, events)``
     wraps the clients' transport inside the dropout simulator, where ``secfl.run`` puts
@@ -267,19 +282,13 @@ def check_strategy_config(config: RunConfig) -> SchedulerStrategy:
     strategy = config.server.strategy
     if strategy is None or strategy.kind != "scheduler":
         raise ConfigError("server.strategy must be {kind: scheduler} for a multi-task run")
-    refused = [
-        key
-        for key, value in (
-            ("adversary", config.adversary),
-            ("trust", config.trust),
-            ("refine", config.refine),
-        )
-        if value is not None
-    ]
-    if refused:
+    if config.refine is not None:
+        # refinement tunes one global model after each round; the scheduler has one per task
         raise ConfigError(
-            f"server.strategy 'scheduler' does not support {refused} yet; remove them"
+            "server.strategy 'scheduler' does not support ['refine'] yet; remove it (allowed "
+            "with the scheduler: trust, adversary)"
         )
+    check_trust_reference(config, [(f"tasks[{i}]", t.data) for i, t in enumerate(strategy.tasks)])
     user_level = [
         t.name
         for t in strategy.tasks
@@ -312,6 +321,28 @@ def check_strategy_config(config: RunConfig) -> SchedulerStrategy:
     return strategy
 
 
+def check_trust_reference(config: RunConfig, datasets: list[tuple[str, DataConfig]]) -> None:
+    """Trust whose defense needs the server's reference update (``fltrust``, the vote's
+    ``reference`` rule) trains it on each federation's own public shared set: refuse,
+    naming the federation, when one has none."""
+    trust = config.trust
+    if trust is None or trust.defense == "none":
+        return
+    if not (
+        trust.defense == "fltrust" or (trust.defense == "vote" and "reference" in trust.vote.rules)
+    ):
+        return
+    empty = [
+        f"{name}.data.shared.per_class" for name, data in datasets if data.shared.per_class < 1
+    ]
+    if empty:
+        raise ConfigError(
+            f"trust.defense={trust.defense!r} trains the server's reference update on each "
+            f"task's public shared set, and server.strategy {empty} is 0: allowed >= 1 (or "
+            "a vote without the 'reference' rule)"
+        )
+
+
 @dataclass(eq=False)
 class StrategyRun:
     """The scheduler's state between rounds (checkpointed)."""
@@ -335,10 +366,23 @@ def run_scheduled(
     each task's final model and why it stopped early (None)."""
     strategy = check_strategy_config(config)
     population = DevicePopulation.draw(strategy.devices, randomness)
+    # one draw of the malicious devices for every task (a device is a client of each)
+    adversary = cohort_trust.draw_adversary(config, population.count, randomness, events)
     tasks = [
-        build_task(config, t, folder, randomness, events, fresh=checkpoint is None, clock=clock)
+        build_task(
+            config,
+            t,
+            folder,
+            randomness,
+            events,
+            fresh=checkpoint is None,
+            clock=clock,
+            trust=config.trust is not None,
+            adversary=None if adversary is None else adversary.wrapper(config, randomness),
+        )
         for t in strategy.tasks
     ]
+    cohort_trust.share_trust_state(tasks)
     policy = make_policy(strategy.policy, fairness_weight=strategy.fairness_weight)
     times = np.stack([t.workload.device_times(population) for t in tasks], axis=1)
     within_limit = (
@@ -369,6 +413,18 @@ def run_scheduled(
             speed_median=float(np.median(population.speed)),
             bandwidth_median=float(np.median(population.bandwidth)),
         )
+        if adversary is not None:
+            adversary.announce(events)
+        notice = cohort_trust.single_subcohort_notice(
+            config,
+            {f"task {t.name!r}": t.spec.devices_per_round for t in tasks},
+            remedy=(
+                "more server.strategy.tasks[].devices_per_round gives the vote several sub-cohorts"
+            ),
+        )
+        for message in (notice, cohort_trust.dp_dormant_notice(tasks)):
+            if message is not None:
+                events.emit("warning", message=message)
     else:
         _restore(checkpoint, tasks, state)
         first_round = checkpoint.round + 1
@@ -456,11 +512,24 @@ def _run_scheduled_round(
     from secfl.runner import _attempt_for, round_row
 
     available = population.available(randomness, round_index)
+    attempts = [_attempt_for(round_index, t.events, randomness) if resumed else 0 for t in tasks]
+    # suspicion is per device (masking): a device over the bound is not eligible for any
+    # task, so every cohort is assigned from admitted devices and keeps >= min_cohort
+    admitted = np.zeros_like(available)
+    admitted[
+        cohort_trust.admit(
+            tasks,
+            [int(d) for d in np.flatnonzero(available)],
+            round_index=round_index,
+            attempt=max(attempts),
+            events=events,
+        )
+    ] = True
     payable = np.stack([t.can_pay(round_index) for t in tasks], axis=1)
     request = RoundRequest(
         round=round_index,
         times=times,
-        eligible=available[:, None] & payable & within_limit,
+        eligible=(available & admitted)[:, None] & payable & within_limit,
         wanted=wanted,
         participation=state.participation.copy(),
     )
@@ -483,8 +552,10 @@ def _run_scheduled_round(
         if skipped is not None:
             rows[task.name] = {**skipped, "accuracy": float("nan"), "loss": float("nan")}
             continue
-        attempt = _attempt_for(round_index, task.events, randomness) if resumed else 0
+        attempt = attempts[t]
         outcome = task.server.run_round(round_index, attempt, participants=devices)
+        # post-aggregation defense on the task's revealed model (trust.dormant.reset)
+        cohort_trust.after_round(task, outcome, round_index=round_index)
         if task.privacy.enabled:
             task.privacy.record_round(outcome)
         state.participation[list(devices)] += 1
@@ -547,11 +618,17 @@ def _checkpoint(
             "rounds_run": task.rounds_run,
             "rounds_skipped": task.rounds_skipped,
         }
+    # trust: each task's centre (NAME.trust.*), the per-client state shared by all once
+    arrays.update(cohort_trust.trust_arrays(tasks))
+    saved: dict[str, Any] = {"history": state.history, "tasks": task_state}
+    shared = cohort_trust.trust_state(tasks)
+    if shared is not None:
+        saved["trust"] = shared
     return Checkpoint(
         round=round_index,
         config_fingerprint=config.fingerprint(),
         arrays=arrays,
-        state={"history": state.history, "tasks": task_state},
+        state=saved,
     )
 
 
@@ -569,6 +646,7 @@ def _restore(checkpoint: Checkpoint, tasks: list[TaskFederation], state: Strateg
         task.clock_s = float(saved["clock_s"])
         task.rounds_run = int(saved["rounds_run"])
         task.rounds_skipped = int(saved["rounds_skipped"])
+    cohort_trust.restore_trust(checkpoint, tasks)
 
 
 def summary(history: list[dict[str, Any]], *, tail: int = 3) -> dict[str, Any]:

@@ -23,7 +23,9 @@ updates or their scalars; ``masking``: the cohort is split into sub-cohorts of a
 model's module (a client's history is evidence about the client, whichever model it
 trained); under ``masking`` a client whose suspicion reached the bound is left out before
 the pool assignment, so the cohorts are dealt from admitted participants only. One
-adversary (one set of malicious clients) attacks every base model.
+adversary (one set of malicious clients) attacks every base model. The shared parts
+(per-client state, exclusion, adversary, checkpoint) are
+:mod:`secfl.strategies.cohort_trust`, which the scheduler and the tiers use too.
 
 Message sizes: every base model's parameter vector is padded with frozen zeros to the
 largest model's size (:class:`PaddedModel`), so the broadcast, the update and every
@@ -47,15 +49,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from secfl.attacks.adversary import ADAPTED_MODES, Adversary
-from secfl.attacks.simulation import (
-    AdversarialTransport,
-    CkksAdversarialTransport,
-    MaskingAdversarialTransport,
-    build_adversary,
-)
-from secfl.audit.events import EventLog, read_events, register_event
-from secfl.client.app import ClientApp
+from secfl.attacks.adversary import ADAPTED_MODES
+from secfl.audit.events import EventLog, register_event
 from secfl.client.trainer import evaluate
 from secfl.config import (
     FixedSampling,
@@ -72,10 +67,11 @@ from secfl.randomness import Randomness
 from secfl.record import rundir
 from secfl.record.checkpoint import Checkpoint, write_checkpoint
 from secfl.record.report import write_report
+from secfl.strategies import cohort_trust
+from secfl.strategies.cohort_trust import RunAdversary
 from secfl.strategies.multitask import TaskFederation, build_task
 from secfl.strategies.pool_assign import PoolAssignment, PoolParticipant, assign
 from secfl.strategies.pool_select import Candidate, eliminate, has_converged
-from secfl.transport.base import Transport
 from secfl.trust.defense import TrustModule
 
 register_event("pool_started", ("models", "parameters", "padded_to", "models_per_round"))
@@ -199,9 +195,8 @@ class Pool:
     #: The first base model's trust module (None without trust); every model's module
     #: shares its per-client reputation and suspicion, and it admits the participants.
     trust: TrustModule | None = None
-    #: The run's adversary, and whether its selection is new (not yet in the event log).
-    adversary: Adversary | None = None
-    adversary_new: bool = False
+    #: The run's one adversary (its selection and whether it is new in the event log).
+    adversary: RunAdversary | None = None
 
     @property
     def names(self) -> list[str]:
@@ -239,13 +234,8 @@ def build_pool(
     probe = build_federated_data(config.data, randomness)
     parameters = {m.name: parameter_count(m, probe) for m in strategy.models}
     size = max(parameters.values())
-    adversary, adversary_new = None, False
-    if config.adversary is not None:
-        # one draw of the malicious clients for the whole pool (a fresh draw per base model
-        # would, in os mode, make a client malicious for one model and honest for another)
-        adversary, adversary_new = build_adversary(
-            config.adversary, list(range(config.data.num_clients)), randomness, events
-        )
+    # one draw of the malicious clients for the whole pool
+    adversary = cohort_trust.draw_adversary(config, config.data.num_clients, randomness, events)
     models = [
         build_task(
             config,
@@ -257,13 +247,11 @@ def build_pool(
             clock=clock,
             model_builder=model_builder(m, i, size, randomness),
             trust=config.trust is not None,
-            adversary=None
-            if adversary is None
-            else adversary_transport(config, adversary, randomness),
+            adversary=None if adversary is None else adversary.wrapper(config, randomness),
         )
         for i, (spec, m) in enumerate(zip(specs, strategy.models, strict=True))
     ]
-    trust = share_trust_state(models)
+    trust = cohort_trust.share_trust_state(models)
     names = [m.name for m in strategy.models]
     participants = {
         i: PoolParticipant(
@@ -283,55 +271,7 @@ def build_pool(
         participants,
         trust=trust,
         adversary=adversary,
-        adversary_new=adversary_new,
     )
-
-
-def adversary_transport(
-    config: RunConfig, adversary: Adversary, randomness: Randomness
-) -> Callable[[Transport, list[ClientApp], EventLog], Transport]:
-    """Wraps a base model's clients' transport in the adversary of its protection mode, as
-    ``secfl.run`` does (:func:`secfl.attacks.simulation.with_adversary`), with the pool's
-    one adversary. The model's event log gets ``adversary_selected`` (its ground truth)
-    at its first round unless it already has it (a resumed run)."""
-    kinds: dict[str, type[AdversarialTransport]] = {
-        "none": AdversarialTransport,
-        "masking": MaskingAdversarialTransport,
-        "ckks": CkksAdversarialTransport,
-    }
-    kind = kinds[config.aggregation.protection]
-
-    def wrap(inner: Transport, clients: list[ClientApp], events: EventLog) -> Transport:
-        logged = events.path.exists() and any(
-            e.get("event") == "adversary_selected" for e in read_events(events.path)
-        )
-        return kind(
-            inner,
-            adversary,
-            randomness=randomness,
-            events=events,
-            clients={c.client_id: c for c in clients},
-            announce=not logged,
-        )
-
-    return wrap
-
-
-def share_trust_state(models: list[TaskFederation]) -> TrustModule | None:
-    """Make every base model's trust module use the first one's per-client reputation and
-    suspicion; returns that module (None without trust). What stays per model: the
-    reference update (trained on the model's own architecture) and centered clipping's
-    centre (a vector of the model's space)."""
-    modules = [m.trust for m in models]
-    first = modules[0]
-    if first is None:
-        return None
-    for module in modules[1:]:
-        if module is None:  # pragma: no cover - one config builds every model's module
-            raise ConfigError("every base model needs a trust module when one has one")
-        module.reputation = first.reputation
-        module.suspicion = first.suspicion
-    return first
 
 
 def draw_participants(
@@ -398,13 +338,8 @@ def run_pool(
             padded_to=pool.padded_to,
             models_per_round=strategy.models_per_round,
         )
-        if pool.adversary is not None and pool.adversary_new:
-            events.emit(
-                "adversary_selected",
-                attack=pool.adversary.attack.name,
-                clients=sorted(pool.adversary.malicious),
-                setting=pool.adversary.describe(),
-            )
+        if pool.adversary is not None:
+            pool.adversary.announce(events)
         notice = single_subcohort_notice(config, strategy)
         if notice is not None:
             events.emit("warning", message=notice)
@@ -453,27 +388,18 @@ def run_pool(
 
 
 def single_subcohort_notice(config: RunConfig, strategy: PoolStrategy) -> str | None:
-    """Trust under ``masking`` splits each cohort into floor(size / min_cohort)
-    sub-cohorts, as ``secfl.run`` splits a round; a cohort smaller than 2 * min_cohort is
-    one sub-cohort, whose vote has a single candidate (flagged only against the reference:
-    cosine <= 0, or its dormant share). Says so when the full round's cohorts are that
-    small (None otherwise, or without trust under masking)."""
-    if config.trust is None or config.trust.defense == "none":
-        return None
-    if config.aggregation.protection != "masking":
-        return None
+    """:func:`~secfl.strategies.cohort_trust.single_subcohort_notice` for the pool's
+    cohorts: a full round of n participants dealt to k models gives cohorts of at least
+    n // k (None when they are big enough, or without trust under masking)."""
     n = strategy.participants_per_round or config.data.num_clients
-    min_cohort = config.aggregation.min_cohort
-    k = min(strategy.models_per_round, len(strategy.models), n // min_cohort)
-    smallest = n // k
-    if smallest >= 2 * min_cohort:
-        return None
-    return (
-        f"trust under masking with the pool: a round of {n} participants deals {k} cohorts "
-        f"of at least {smallest}, below 2 * aggregation.min_cohort={2 * min_cohort}, so a "
-        "cohort is one sub-cohort and its vote has a single candidate (flagged only by the "
-        "reference: cosine <= 0 or its dormant share); more participants per round or fewer "
-        "server.strategy.models_per_round give the vote several sub-cohorts"
+    k = min(strategy.models_per_round, len(strategy.models), n // config.aggregation.min_cohort)
+    return cohort_trust.single_subcohort_notice(
+        config,
+        {f"the pool deals a round of {n} participants to {k} models": n // k},
+        remedy=(
+            "more participants per round or fewer server.strategy.models_per_round give the "
+            "vote several sub-cohorts"
+        ),
     )
 
 
@@ -500,12 +426,11 @@ def _run_pool_round(
     min_cohort = config.aggregation.min_cohort
     attempt = _attempt_for(round_index, pool.models[0].events, randomness) if resumed else 0
     participants = draw_participants(config, pool.strategy, randomness, round_index)
-    if pool.trust is not None:
-        # suspicion is per client (masking): the excluded never reach the assignment, so
-        # every cohort is dealt from admitted participants and keeps >= min_cohort
-        participants = pool.trust.admit(
-            participants, round_index=round_index, attempt=attempt, events=events
-        )
+    # suspicion is per client (masking): the excluded never reach the assignment, so
+    # every cohort is dealt from admitted participants and keeps >= min_cohort
+    participants = cohort_trust.admit(
+        pool.models, participants, round_index=round_index, attempt=attempt, events=events
+    )
     assignment, _ = assign_round(pool, round_index, attempt, participants, min_cohort)
     events.emit(
         "pool_assignment",
@@ -533,11 +458,8 @@ def _run_pool_round(
         if len(cohort) < min_cohort:
             raise ConfigError(f"pool cohort of {len(cohort)} is below min_cohort={min_cohort}")
         outcome = fed.server.run_round(round_index, attempt, participants=cohort)
-        if fed.trust is not None and outcome.aggregate is not None:
-            # post-aggregation defense on the revealed model (trust.dormant.reset), as run
-            fed.trust.after_round(
-                fed.server.weights, round_index=round_index, attempt=attempt, events=fed.events
-            )
+        # post-aggregation defense on the revealed model (trust.dormant.reset), as run
+        cohort_trust.after_round(fed, outcome, round_index=round_index)
         state.rounds_trained[fed.name] += 1
         row = round_row(outcome)
         agg = outcome.aggregate
@@ -624,16 +546,16 @@ def _checkpoint(config: RunConfig, round_index: int, pool: Pool, state: PoolStat
         arrays[f"{fed.name}.global"] = fed.server.weights
         for key, value in fed.optimizer.state_dict().items():
             arrays[f"{fed.name}.opt.{key}"] = value
-        if fed.trust is not None:  # per model: centered clipping's centre
-            for key, value in fed.trust.arrays().items():
-                arrays[f"{fed.name}.{key}"] = value
+    # per model: centered clipping's centre
+    arrays.update(cohort_trust.trust_arrays(pool.models))
     saved: dict[str, Any] = {
         "history": state.history,
         "errors": state.errors,
         "rounds_trained": state.rounds_trained,
     }
-    if pool.trust is not None:  # per client, shared by every model: saved once
-        saved["trust"] = pool.trust.state()
+    shared = cohort_trust.trust_state(pool.models)
+    if shared is not None:  # per client, shared by every model: saved once
+        saved["trust"] = shared
     return Checkpoint(
         round=round_index,
         config_fingerprint=config.fingerprint(),
@@ -652,17 +574,7 @@ def _restore(checkpoint: Checkpoint, pool: Pool, state: PoolState) -> None:
         fed.optimizer.load_state_dict(
             {k[len(prefix) :]: v for k, v in checkpoint.arrays.items() if k.startswith(prefix)}
         )
-        if fed.trust is not None:
-            # the shared reputation and suspicion load once per model: the same values
-            own = f"{fed.name}."
-            fed.trust.load_state(
-                checkpoint.state.get("trust"),
-                {
-                    k[len(own) :]: v
-                    for k, v in checkpoint.arrays.items()
-                    if k.startswith(f"{own}trust.")
-                },
-            )
+    cohort_trust.restore_trust(checkpoint, pool.models)
 
 
 def _finish(

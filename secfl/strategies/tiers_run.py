@@ -11,6 +11,15 @@ whose server is handed the tier's participants each round. Each round, in order:
 3. every tier is evaluated, its ``round_completed`` logged and its clients' receipts issued
    for the model that is broadcast next (after the transfer).
 
+Trust and adversary (``trust:``, ``adversary:``; :mod:`secfl.strategies.cohort_trust`, as
+the model pool and the scheduler): each tier is a federation with its own trust module,
+which runs inside the tier's round over exactly the tier's round cohort (step 1);
+``trust.dormant.reset`` acts on the tier's revealed aggregate right after its round, so the
+transfer's teachers and students start from the defended models. Reputation and
+suspicion are per client, shared by every tier's module; under ``masking`` a client whose
+suspicion reached the bound is left out before any tier draws its cohort. One adversary
+(one set of malicious clients) attacks every tier.
+
 ``metrics.json`` rows carry each tier's row under ``tasks`` (so ``report.html`` draws one
 accuracy line per tier) plus the transfer's disagreement before and after; one checkpoint
 holds everything, and the tier layout is recomputed from the design seed on resume.
@@ -36,6 +45,7 @@ from secfl.randomness import Randomness
 from secfl.record import rundir
 from secfl.record.checkpoint import Checkpoint, write_checkpoint
 from secfl.refine.inversion import InversionSettings, invert
+from secfl.strategies import cohort_trust
 from secfl.strategies.multitask import (
     StrategyRun,
     TaskFederation,
@@ -71,16 +81,18 @@ def check_tiers_config(config: RunConfig) -> TiersStrategy:
     refused = [
         key
         for key, value in (
-            ("adversary", config.adversary),
-            ("trust", config.trust),
             ("refine", config.refine),
             ("privacy.user_level", config.privacy.user_level),
         )
         if value is not None
     ]
     if refused:
-        # user-level noise plans for a fixed cohort over all clients; a tier's is smaller
-        raise ConfigError(f"server.strategy 'tiers' does not support {refused} yet; remove them")
+        # user-level noise plans for a fixed cohort over all clients; a tier's is smaller.
+        # refine tunes one global model; the tiers have one each (and their own transfer).
+        raise ConfigError(
+            f"server.strategy 'tiers' does not support {refused} yet; remove them (allowed "
+            "with the tiers: trust, adversary)"
+        )
     if config.server.sampling != FixedSampling():
         raise ConfigError(
             "server.sampling is not used with server.strategy 'tiers' (each tier draws its "
@@ -137,6 +149,8 @@ def run_tiers(
     strategy = check_tiers_config(config)
     profiles, tiers = tier_layout(config, strategy, randomness)
     specs = [strategy.tiers[t.variant] for t in tiers]
+    # one draw of the malicious clients for every tier
+    adversary = cohort_trust.draw_adversary(config, profiles.count, randomness, events)
     tasks = [
         build_task(
             config,
@@ -159,9 +173,12 @@ def run_tiers(
             events,
             fresh=checkpoint is None,
             clock=clock,
+            trust=config.trust is not None,
+            adversary=None if adversary is None else adversary.wrapper(config, randomness),
         )
         for tier, spec in zip(tiers, specs, strict=True)
     ]
+    cohort_trust.share_trust_state(tasks)
     # teacher copies of each tier's model: students must not change a teacher mid-transfer
     teachers = [copy.deepcopy(t.model) for t in tasks]
     times = [t.workload.device_times(profiles.population) for t in tasks]
@@ -189,6 +206,17 @@ def run_tiers(
             min_cohort=config.aggregation.min_cohort,
             transfer=None if strategy.transfer is None else strategy.transfer.model_dump(),
         )
+        if adversary is not None:
+            adversary.announce(events)
+        notice = cohort_trust.single_subcohort_notice(
+            config,
+            {f"tier {t.name!r}": t.spec.devices_per_round for t in tasks},
+            remedy="more members per tier or a larger server.strategy.fraction gives the vote "
+            "several sub-cohorts",
+        )
+        for message in (notice, cohort_trust.dp_dormant_notice(tasks)):
+            if message is not None:
+                events.emit("warning", message=message)
     else:
         _restore(checkpoint, tasks, state)
         first_round = checkpoint.round + 1
@@ -237,7 +265,8 @@ def _cohort(
     randomness: Randomness,
     min_cohort: int,
 ) -> tuple[int, ...]:
-    """A uniform draw of the tier's cohort among its available members that can pay."""
+    """A uniform draw of the tier's cohort among its available (and, with trust, admitted)
+    members that can pay."""
     payable = task.can_pay(round_index)
     candidates = [m for m in tier.members if available[m] and payable[m]]
     size = cohort_size(len(candidates), fraction=strategy.fraction, min_cohort=min_cohort)
@@ -264,16 +293,31 @@ def _run_tiered_round(
 
     min_cohort = config.aggregation.min_cohort
     available = profiles.population.available(randomness, round_index)
+    attempts = [_attempt_for(round_index, t.events, randomness) if resumed else 0 for t in tasks]
+    # suspicion is per client (masking): a client over the bound is left out before any
+    # tier draws its cohort, so every cohort is drawn from admitted members (>= min_cohort)
+    admitted = np.zeros_like(available)
+    admitted[
+        cohort_trust.admit(
+            tasks,
+            [int(c) for c in np.flatnonzero(available)],
+            round_index=round_index,
+            attempt=max(attempts),
+            events=events,
+        )
+    ] = True
     rows: dict[str, dict[str, Any]] = {}
     outcomes: dict[int, Any] = {}
     for k, (tier, task) in enumerate(zip(tiers, tasks, strict=True)):
-        cohort = _cohort(strategy, tier, task, available, round_index, randomness, min_cohort)
+        cohort = _cohort(strategy, tier, task, admitted, round_index, randomness, min_cohort)
         skipped = skip_task_round(task, len(cohort), round_index, min_cohort, events)
         if skipped is not None:
             rows[task.name] = skipped
             continue
-        attempt = _attempt_for(round_index, task.events, randomness) if resumed else 0
-        outcome = task.server.run_round(round_index, attempt, participants=cohort)
+        outcome = task.server.run_round(round_index, attempts[k], participants=cohort)
+        # the tier's trust step on its revealed aggregate (trust.dormant.reset), before the
+        # transfer: teachers and students are the defended models
+        cohort_trust.after_round(task, outcome, round_index=round_index)
         if task.privacy.enabled:
             task.privacy.record_round(outcome)
         state.participation[list(cohort)] += 1
