@@ -453,3 +453,17 @@ def test_trust_refusals(tmp_path: Path) -> None:
             ),
             tmp_path / "noshared",
         )
+
+
+def test_tiers_trust_example_validates() -> None:
+    from secfl.config import load_config
+    from secfl.strategies.tiers_run import check_tiers_config, tier_layout
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    example = load_config(root / "digits_tiers_trust.yaml")
+    strategy = check_tiers_config(example)
+    assert example.trust is not None and example.adversary is not None
+    assert example.aggregation.protection == "masking"
+    # two tiers of 15, every member every round: three sub-cohorts of 5 per tier
+    _, tiers = tier_layout(example, strategy, Randomness("seeded", example.seed))
+    assert sorted(len(t.members) for t in tiers) == [15, 15]
