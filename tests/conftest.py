@@ -6,6 +6,9 @@ import pytest
 
 from secfl.config import RunConfig, config_from_dict
 
+# the strategies' shared test checks report failing asserts as a test module does
+pytest.register_assert_rewrite("tests.strategies_helpers")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

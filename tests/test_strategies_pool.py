@@ -19,14 +19,11 @@ import pytest
 from scipy.stats import chisquare
 
 import secfl.strategies.pool as pool_module
-from secfl.audit.events import read_events
 from secfl.config import RunConfig, config_from_dict, load_config
 from secfl.errors import ConfigError
-from secfl.messages import FitRes
 from secfl.randomness import Randomness
 from secfl.record.checkpoint import read_checkpoint
 from secfl.runner import run
-from secfl.server.aggregate import WeightedSum
 from secfl.strategies.pool_assign import (
     PoolAssignment,
     PoolAssignmentError,
@@ -39,7 +36,16 @@ from secfl.strategies.pool_select import (
     eliminate,
     has_converged,
 )
-from secfl.wire import decode_message
+
+from .strategies_helpers import (
+    assert_same_trust_run,
+    attackers_of,
+    check_federation_rounds,
+    check_masking_rounds,
+    dealt,
+    events_of,
+    record_rounds,
+)
 
 MODELS = ("a", "b", "c", "d")
 
@@ -357,97 +363,28 @@ def _trust_config(
     return config_from_dict(_trust_raw(protection, rounds, trust))
 
 
-def _events(folder: Path, *kinds: str) -> list[dict[str, Any]]:
-    return [e for e in read_events(folder / "events.jsonl") if e["event"] in kinds]
-
-
-def _attackers(folder: Path) -> set[int]:
-    return {int(c) for c in _events(folder, "adversary_selected")[0]["clients"]}
-
-
 def _cohorts(folder: Path) -> dict[tuple[int, str], list[int]]:
     """(round, model) -> the cohort the pool dealt it."""
-    return {
-        (e["round"], name): cohort
-        for e in _events(folder, "pool_assignment")
-        for name, cohort in e["cohorts"].items()
-    }
-
-
-class _UpdateRecorder:
-    """Passes a base model's exchanges through and keeps every client's decoded reply."""
-
-    def __init__(self, inner: Any, seen: dict[tuple[int, int], FitRes]) -> None:
-        self.inner, self.seen = inner, seen
-
-    def exchange(self, requests: Mapping[int, bytes]) -> dict[int, bytes | None]:
-        replies = self.inner.exchange(requests)
-        for client_id, reply in replies.items():
-            if reply is not None:
-                res = decode_message(reply)
-                assert isinstance(res, FitRes)
-                self.seen[(res.round, client_id)] = res
-        return replies
+    return dealt(folder, "pool_assignment", "cohorts")
 
 
 def test_trust_flags_each_cohorts_attackers_and_keeps_them_out_of_the_sum(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    replies: dict[str, dict[tuple[int, int], FitRes]] = {}
-    outcomes: dict[str, list[Any]] = {}
-    original = pool_module.build_pool
-
-    def recording(*args: Any, **kw: Any) -> Any:
-        pool = original(*args, **kw)
-        for fed in pool.models:
-            seen = replies.setdefault(fed.name, {})
-            fed.server.transport = _UpdateRecorder(fed.server.transport, seen)
-            run_round, kept = fed.server.run_round, outcomes.setdefault(fed.name, [])
-
-            def keep(*a: Any, _run: Any = run_round, _kept: Any = kept, **k: Any) -> Any:
-                outcome = _run(*a, **k)
-                _kept.append(outcome)
-                return outcome
-
-            fed.server.run_round = keep
-        return pool
-
-    monkeypatch.setattr(pool_module, "build_pool", recording)
+    replies, outcomes = record_rounds(monkeypatch)
     out = tmp_path / "r"
     _quiet_run(_trust_config("none", rounds=3), out)
-    attackers = _attackers(out)
+    attackers = attackers_of(out)
     cohorts = _cohorts(out)
     assert len(attackers) == 2
     checked = 0
     for name, rounds in outcomes.items():
-        folder = out / "tasks" / name
-        # one adversary for the pool: every model's log names the same malicious clients
-        assert _attackers(folder) == attackers
-        for outcome in rounds:
-            cohort = cohorts[(outcome.round, name)]
-            assert sorted(outcome.participants) == cohort  # the trust ran over this cohort
-            flagged = {
-                e["client"] for e in _events(folder, "trust_flag") if e["round"] == outcome.round
-            }
-            # the attackers dealt to this model are flagged in its log, nobody else is
-            assert flagged == attackers & set(cohort)
-            agg = outcome.aggregate
-            assert agg is not None
-            assert set(agg.survivors) == set(cohort) - flagged
+        # one adversary for the pool, each model's trust over the cohort the pool dealt it
+        for agg, flagged in check_federation_rounds(
+            out, name, rounds, cohorts, attackers, replies[name]
+        ):
             assert flagged <= set(agg.dropped)
-            # the released mean is exactly the weighted mean of the kept clients' updates
-            total = WeightedSum(agg.mean_update.size)
-            for c in agg.survivors:
-                res = replies[name][(outcome.round, c)]
-                total.add(c, res.update, float(res.num_samples))
-            assert np.array_equal(agg.mean_update, total.weighted_mean())
-            if flagged:
-                everyone = WeightedSum(agg.mean_update.size)
-                for c in cohort:
-                    res = replies[name][(outcome.round, c)]
-                    everyone.add(c, res.update, float(res.num_samples))
-                assert not np.allclose(agg.mean_update, everyone.weighted_mean())
-                checked += 1
+            checked += bool(flagged)
     assert checked >= 3  # the attackers reached at least three model rounds
 
 
@@ -457,30 +394,15 @@ def test_trust_under_masking_splits_each_cohort_and_resumes_exactly(tmp_path: Pa
     )
     whole = _quiet_run(config, tmp_path / "whole")
     out = tmp_path / "whole"
-    attackers = _attackers(out)
+    attackers = attackers_of(out)
     cohorts = _cohorts(out)
     flagged_members: set[int] = set()
     for name in ("m32", "m16", "m64"):
-        folder = out / "tasks" / name
-        for split in _events(folder, "secagg_cohorts"):
-            blocks = [sorted(b) for b in split["cohorts"]]
-            cohort = cohorts[(split["round"], name)]
-            # the sub-cohorts partition exactly this model's cohort, each >= min_cohort
-            assert sorted(c for b in blocks for c in b) == cohort
-            assert len(blocks) == len(cohort) // 3 and all(len(b) >= 3 for b in blocks)
-        completed = {e["round"]: e for e in _events(folder, "round_completed")}
-        # trust.dormant.reset (on under masking) acts on every model round that released
-        pruned = {e["round"] for e in _events(folder, "trust_prune")}
-        assert pruned == {r for r, e in completed.items() if e["survivors"]}
-        for flag in _events(folder, "trust_cohort_flag"):
-            members = set(flag["members"])
-            assert members & attackers  # every flagged sub-cohort holds an attacker
-            assert not members & set(completed[flag["round"]]["survivors"])
-            flagged_members |= members
+        flagged_members |= check_masking_rounds(out / "tasks" / name, cohorts, name, attackers)
     assert attackers <= flagged_members
     # suspicion is per client across the pool: both attackers reach the bound (3 flags, in
     # any models) and are left out before the assignment of every later round
-    excluded = {e["client"]: e["round"] for e in _events(out, "trust_excluded")}
+    excluded = {e["client"]: e["round"] for e in events_of(out, "trust_excluded")}
     assert set(excluded) == attackers
     for (round_index, _), cohort in cohorts.items():
         assert not {c for c, r in excluded.items() if r <= round_index} & set(cohort)
@@ -501,38 +423,17 @@ def test_trust_under_ckks_flags_from_the_cohorts_scalars(tmp_path: Path) -> None
     _quiet_run(config_from_dict(raw), out)
     ((_, name), cohort), *_ = _cohorts(out).items()
     folder = out / "tasks" / name
-    attackers = _attackers(out)
-    assert _attackers(folder) == attackers and attackers <= set(cohort)
-    assert {e["client"] for e in _events(folder, "trust_flag")} == attackers
-    (done,) = _events(folder, "round_completed")
+    attackers = attackers_of(out)
+    assert attackers_of(folder) == attackers and attackers <= set(cohort)
+    assert {e["client"] for e in events_of(folder, "trust_flag")} == attackers
+    (done,) = events_of(folder, "round_completed")
     assert done["survivors"] == sorted(set(cohort) - attackers)
-    dropped = {e["client"] for e in _events(folder, "client_dropped") if e["stage"] == "trust"}
+    dropped = {e["client"] for e in events_of(folder, "client_dropped") if e["stage"] == "trust"}
     assert dropped == attackers
 
 
-def _trust_log(folder: Path) -> list[dict[str, Any]]:
-    return [
-        {k: v for k, v in e.items() if k not in ("seq", "time")}
-        for e in read_events(folder / "events.jsonl")
-        if e["event"].startswith(("trust_", "secagg_cohort", "adversary_", "pool_assignment"))
-    ]
-
-
 def _assert_same_run(whole: Any, resumed: Any, a: Path, b: Path) -> None:
-    def rows(history: list[dict[str, Any]]) -> str:  # as JSON: NaN (not evaluated) == NaN
-        stripped = [{k: v for k, v in r.items() if k != "time_s"} for r in history]
-        return json.dumps(stripped, sort_keys=True)
-
-    assert rows(resumed.history) == rows(whole.history)
-    assert _trust_log(b) == _trust_log(a)
-    for name in ("m32", "m16", "m64"):
-        assert _trust_log(b / "tasks" / name) == _trust_log(a / "tasks" / name)
-        for x, y in zip(
-            whole.models[name].state_dict().values(),
-            resumed.models[name].state_dict().values(),
-            strict=True,
-        ):
-            assert np.array_equal(x.numpy(), y.numpy())
+    assert_same_trust_run(whole, resumed, a, b, ("m32", "m16", "m64"), "pool_assignment")
     assert (a / "pool.json").read_text() == (b / "pool.json").read_text()
 
 

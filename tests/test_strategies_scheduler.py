@@ -34,6 +34,16 @@ from secfl.strategies import (
 )
 from secfl.strategies.devices import forward_macs
 
+from .strategies_helpers import (
+    assert_same_trust_run,
+    attackers_of,
+    check_federation_rounds,
+    check_masking_rounds,
+    dealt,
+    events_of,
+    record_rounds,
+)
+
 TINY = Sizes(devices=16, per_task=3, rounds=3, mnist1d_samples=200)
 TRUST_TASKS = ("digits", "digits32")
 
@@ -324,119 +334,33 @@ def _trust_config(
     return config_from_dict(_trust_raw(protection, rounds, trust))
 
 
-def _events(folder: Path, *kinds: str) -> list[dict[str, Any]]:
-    from secfl.audit.events import read_events
-
-    return [e for e in read_events(folder / "events.jsonl") if e["event"] in kinds]
-
-
-def _attackers(folder: Path) -> set[int]:
-    return {int(c) for c in _events(folder, "adversary_selected")[0]["clients"]}
-
-
 def _assigned(folder: Path) -> dict[tuple[int, str], list[int]]:
     """(round, task) -> the devices the scheduler assigned it."""
-    return {
-        (e["round"], name): devices
-        for e in _events(folder, "strategy_assignment")
-        for name, devices in e["assigned"].items()
-    }
-
-
-class _UpdateRecorder:
-    """Passes a task's exchanges through and keeps every client's decoded reply."""
-
-    def __init__(self, inner: Any, seen: dict[tuple[int, int], Any]) -> None:
-        self.inner, self.seen = inner, seen
-
-    def exchange(self, requests: Any) -> dict[int, bytes | None]:
-        from secfl.messages import FitRes
-        from secfl.wire import decode_message
-
-        replies = self.inner.exchange(requests)
-        for client_id, reply in replies.items():
-            if reply is not None:
-                res = decode_message(reply)
-                assert isinstance(res, FitRes)
-                self.seen[(res.round, client_id)] = res
-        return replies
+    return dealt(folder, "strategy_assignment", "assigned")
 
 
 def test_trust_flags_each_tasks_attackers_and_keeps_them_out_of_its_sum(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import secfl.strategies.multitask as multitask
-    from secfl.server.aggregate import WeightedSum
-
-    replies: dict[str, dict[tuple[int, int], Any]] = {}
-    outcomes: dict[str, list[Any]] = {}
-    original = multitask.build_task
-
-    def recording(*args: Any, **kw: Any) -> Any:
-        task = original(*args, **kw)
-        seen = replies.setdefault(task.name, {})
-        task.server.transport = _UpdateRecorder(task.server.transport, seen)
-        run_round, kept = task.server.run_round, outcomes.setdefault(task.name, [])
-
-        def keep(*a: Any, **k: Any) -> Any:
-            outcome = run_round(*a, **k)
-            kept.append(outcome)
-            return outcome
-
-        task.server.run_round = keep
-        return task
-
-    monkeypatch.setattr(multitask, "build_task", recording)
+    replies, outcomes = record_rounds(monkeypatch)
     out = tmp_path / "r"
     _quiet_run(_trust_config("none", rounds=3), out)
-    attackers = _attackers(out)
+    attackers = attackers_of(out)
     assigned = _assigned(out)
     assert len(attackers) == 3
     checked = 0
     for name in TRUST_TASKS:
-        folder = out / "tasks" / name
-        # one adversary for the run: every task's log names the same malicious devices
-        assert _attackers(folder) == attackers
         assert len(outcomes[name]) == 3
-        for outcome in outcomes[name]:
-            cohort = assigned[(outcome.round, name)]
-            assert sorted(outcome.participants) == cohort  # the trust ran over this cohort
-            flagged = {
-                e["client"] for e in _events(folder, "trust_flag") if e["round"] == outcome.round
-            }
-            # the attackers assigned to this task are flagged in its log, nobody else is
-            assert flagged == attackers & set(cohort)
-            agg = outcome.aggregate
-            assert agg is not None
-            assert set(agg.survivors) == set(cohort) - flagged
-            # the released mean is exactly the weighted mean of the kept devices' updates
-            total = WeightedSum(agg.mean_update.size)
-            for c in agg.survivors:
-                res = replies[name][(outcome.round, c)]
-                total.add(c, res.update, float(res.num_samples))
-            assert np.array_equal(agg.mean_update, total.weighted_mean())
-            if flagged:
-                everyone = WeightedSum(agg.mean_update.size)
-                for c in cohort:
-                    res = replies[name][(outcome.round, c)]
-                    everyone.add(c, res.update, float(res.num_samples))
-                assert not np.allclose(agg.mean_update, everyone.weighted_mean())
-                checked += 1
+        # one adversary for the run, each task's trust over the devices assigned to it
+        rounds = check_federation_rounds(
+            out, name, outcomes[name], assigned, attackers, replies[name]
+        )
+        checked += sum(bool(flagged) for _, flagged in rounds)
     assert checked >= 3  # the attackers reached at least three task rounds
     # the DP task's ledger charges every device that trained it, flagged or not
     ledger = json.loads((out / "tasks" / "digits32" / "ledger.json").read_text())
     charged = {int(c) for c, v in ledger["cumulative"]["clients"].items() if v["epsilon"] > 0}
     assert charged == {d for (_, n), ds in assigned.items() if n == "digits32" for d in ds}
-
-
-def _trust_log(folder: Path) -> list[dict[str, Any]]:
-    from secfl.audit.events import read_events
-
-    return [
-        {k: v for k, v in e.items() if k not in ("seq", "time")}
-        for e in read_events(folder / "events.jsonl")
-        if e["event"].startswith(("trust_", "secagg_cohort", "adversary_", "strategy_"))
-    ]
 
 
 def test_trust_under_masking_excludes_per_device_and_resumes_exactly(tmp_path: Path) -> None:
@@ -445,32 +369,17 @@ def test_trust_under_masking_excludes_per_device_and_resumes_exactly(tmp_path: P
     config = _trust_config("masking", rounds=4, trust={"suspicion": {"bound": 2.0}})
     whole = _quiet_run(config, tmp_path / "whole")
     out = tmp_path / "whole"
-    attackers = _attackers(out)
+    attackers = attackers_of(out)
     assigned = _assigned(out)
     flagged_members: set[int] = set()
     for name in TRUST_TASKS:
-        folder = out / "tasks" / name
-        for split in _events(folder, "secagg_cohorts"):
-            blocks = [sorted(b) for b in split["cohorts"]]
-            cohort = assigned[(split["round"], name)]
-            # the sub-cohorts partition exactly this task's cohort, each >= min_cohort
-            assert sorted(c for b in blocks for c in b) == cohort
-            assert len(blocks) == len(cohort) // 3 and all(len(b) >= 3 for b in blocks)
-        completed = {e["round"]: e for e in _events(folder, "round_completed")}
-        # trust.dormant.reset (on under masking) acts on every task round that released
-        pruned = {e["round"] for e in _events(folder, "trust_prune")}
-        assert pruned == {r for r, e in completed.items() if e["survivors"]}
-        for flag in _events(folder, "trust_cohort_flag"):
-            members = set(flag["members"])
-            assert members & attackers  # every flagged sub-cohort holds an attacker
-            assert not members & set(completed[flag["round"]]["survivors"])
-            flagged_members |= members
+        flagged_members |= check_masking_rounds(out / "tasks" / name, assigned, name, attackers)
     # suspicion is per device across the tasks (two flagged sub-cohorts in any tasks reach
     # the bound): every attacker is excluded in the run's log, and so may be an honest
     # device that shared two flagged sub-cohorts with them; from then on the scheduler
     # assigns an excluded device to no task
     excluded: dict[int, int] = {}
-    for e in _events(out, "trust_excluded"):
+    for e in events_of(out, "trust_excluded"):
         excluded.setdefault(e["client"], e["round"])
     assert attackers <= set(excluded) <= flagged_members
     for (round_index, _), devices in assigned.items():
@@ -478,21 +387,8 @@ def test_trust_under_masking_excludes_per_device_and_resumes_exactly(tmp_path: P
 
     _quiet_run(config, tmp_path / "cut", stop_after=2)
     resumed = _quiet_run(config, tmp_path / "cut", resume=True)
-    assert json.dumps(
-        [{k: v for k, v in r.items() if k != "time_s"} for r in resumed.history], sort_keys=True
-    ) == json.dumps(
-        [{k: v for k, v in r.items() if k != "time_s"} for r in whole.history], sort_keys=True
-    )
     cut = tmp_path / "cut"
-    assert _trust_log(cut) == _trust_log(out)
-    for name in TRUST_TASKS:
-        assert _trust_log(cut / "tasks" / name) == _trust_log(out / "tasks" / name)
-        for a, b in zip(
-            whole.models[name].state_dict().values(),
-            resumed.models[name].state_dict().values(),
-            strict=True,
-        ):
-            assert np.array_equal(a.numpy(), b.numpy())
+    assert_same_trust_run(whole, resumed, out, cut, TRUST_TASKS, "strategy_")
     saved = read_checkpoint(cut, expected_fingerprint=config.fingerprint())
     assert saved.state["trust"]["defense"] == "vote" and "suspicion" in saved.state["trust"]
 
@@ -527,8 +423,8 @@ def test_trust_refusals_and_the_single_subcohort_notice(tmp_path: Path) -> None:
         trust={"defense": "vote"},
     )
     _quiet_run(small, out)
-    (warning,) = [e for e in _events(out, "warning") if "single candidate" in e["message"]]
+    (warning,) = [e for e in events_of(out, "warning") if "single candidate" in e["message"]]
     assert "task 'digits': cohorts of at least 3" in warning["message"]
     # the DP task with the dormant flag on is named (its noise can flag honest devices)
-    (dp,) = [e for e in _events(out, "warning") if "privacy.sample_level" in e["message"]]
+    (dp,) = [e for e in events_of(out, "warning") if "privacy.sample_level" in e["message"]]
     assert "['digits']" in dp["message"] and "flag_share: null" in dp["message"]

@@ -31,6 +31,13 @@ from secfl.strategies.tiers import (
     transfer_between_tiers,
 )
 
+from .strategies_helpers import (
+    assert_same_models,
+    check_defended_round,
+    history_rows,
+    record_rounds,
+)
+
 # ---------------------------------------------------------------------------- tiering
 
 
@@ -323,25 +330,6 @@ def _trust_config(protection: str = "none", trust: dict[str, Any] | None = None)
     return config_from_dict(raw)
 
 
-class _UpdateRecorder:
-    """Passes a tier's exchanges through and keeps every client's decoded reply."""
-
-    def __init__(self, inner: Any, seen: dict[tuple[int, int], Any]) -> None:
-        self.inner, self.seen = inner, seen
-
-    def exchange(self, requests: Any) -> dict[int, bytes | None]:
-        from secfl.messages import FitRes
-        from secfl.wire import decode_message
-
-        replies = self.inner.exchange(requests)
-        for client_id, reply in replies.items():
-            if reply is not None:
-                res = decode_message(reply)
-                assert isinstance(res, FitRes)
-                self.seen[(res.round, client_id)] = res
-        return replies
-
-
 def _of(path: Path, kind: str) -> list[dict[str, Any]]:
     return [e for e in _events(path) if e["event"] == kind]
 
@@ -349,28 +337,7 @@ def _of(path: Path, kind: str) -> list[dict[str, Any]]:
 def test_trust_flags_each_tiers_attackers_and_keeps_them_out_of_its_sum(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import secfl.strategies.tiers_run as tiers_run
-    from secfl.server.aggregate import WeightedSum
-
-    replies: dict[str, dict[tuple[int, int], Any]] = {}
-    outcomes: dict[str, list[Any]] = {}
-    original = tiers_run.build_task
-
-    def recording(*args: Any, **kw: Any) -> Any:
-        task = original(*args, **kw)
-        seen = replies.setdefault(task.name, {})
-        task.server.transport = _UpdateRecorder(task.server.transport, seen)
-        run_round, kept = task.server.run_round, outcomes.setdefault(task.name, [])
-
-        def keep(*a: Any, **k: Any) -> Any:
-            outcome = run_round(*a, **k)
-            kept.append(outcome)
-            return outcome
-
-        task.server.run_round = keep
-        return task
-
-    monkeypatch.setattr(tiers_run, "build_task", recording)
+    replies, outcomes = record_rounds(monkeypatch)
     out = tmp_path / "r"
     _quiet_run(_trust_config("none"), out)
     (selected,) = _of(out / "events.jsonl", "adversary_selected")
@@ -386,17 +353,10 @@ def test_trust_flags_each_tiers_attackers_and_keeps_them_out_of_its_sum(
         for outcome in outcomes[name]:
             cohort = sorted(outcome.participants)
             assert cohort == sorted(tier["members"])  # fraction 1: the tier's round cohort
-            flagged = {e["client"] for e in _of(log, "trust_flag") if e["round"] == outcome.round}
-            # the attackers in this tier are flagged in its log, nobody else is
-            assert flagged == attackers & set(cohort)
-            agg = outcome.aggregate
-            assert agg is not None and set(agg.survivors) == set(cohort) - flagged
-            # the released mean (before the transfer) is exactly the kept clients' mean
-            total = WeightedSum(agg.mean_update.size)
-            for c in agg.survivors:
-                res = replies[name][(outcome.round, c)]
-                total.add(c, res.update, float(res.num_samples))
-            assert np.array_equal(agg.mean_update, total.weighted_mean())
+            # (the released mean is the one before the transfer)
+            _, flagged = check_defended_round(
+                outcome, cohort, log.parent, attackers, replies[name], flags_change_the_mean=False
+            )
             checked += bool(flagged)
     assert checked >= 2  # the attackers' tiers flagged them in both rounds
     # the transfer still ran between the defended tiers
@@ -412,17 +372,8 @@ def test_kill_and_resume_with_trust_is_bit_identical(tmp_path: Path) -> None:
     whole = _quiet_run(config, tmp_path / "whole")
     _quiet_run(config, tmp_path / "cut", stop_after=1)
     resumed = _quiet_run(config, tmp_path / "cut", resume=True)
-
-    def rows(history: list[dict[str, Any]]) -> str:
-        stripped = [{k: v for k, v in r.items() if k != "time_s"} for r in history]
-        return json.dumps(stripped, sort_keys=True)  # NaN (not evaluated) == NaN
-
-    assert rows(resumed.history) == rows(whole.history)
-    for name, model in whole.models.items():
-        for a, b in zip(
-            model.state_dict().values(), resumed.models[name].state_dict().values(), strict=True
-        ):
-            assert np.array_equal(a.numpy(), b.numpy())
+    assert history_rows(resumed.history) == history_rows(whole.history)
+    assert_same_models(whole, resumed, whole.models)
     saved = read_checkpoint(tmp_path / "cut", expected_fingerprint=config.fingerprint())
     assert {k for k in saved.arrays if ".trust." in k} == {
         "small.trust.center",

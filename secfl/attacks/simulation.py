@@ -479,6 +479,24 @@ def with_adversary(
     adversary, new = build_adversary(
         config.adversary, [c.client_id for c in clients], randomness, events
     )
+    return adversarial_transport(
+        inner, adversary, protection, clients, randomness=randomness, events=events, announce=new
+    )
+
+
+def adversarial_transport(
+    inner: Transport,
+    adversary: Adversary,
+    protection: str,
+    clients: Sequence[ClientApp],
+    *,
+    randomness: Randomness,
+    events: EventLog,
+    announce: bool,
+) -> AdversarialTransport:
+    """``inner`` wrapped in ``adversary`` by the :class:`AdversarialTransport` of the
+    protection mode (one of ``ADAPTED_MODES``) over ``clients``; ``announce``: log
+    ``adversary_selected`` at the first round (a new selection, not yet in the log)."""
     kind: type[AdversarialTransport] = AdversarialTransport
     if protection == "ckks":
         kind = CkksAdversarialTransport
@@ -490,5 +508,5 @@ def with_adversary(
         randomness=randomness,
         events=events,
         clients={c.client_id: c for c in clients},
-        announce=new,
+        announce=announce,
     )

@@ -30,12 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from secfl.attacks.adversary import Adversary
-from secfl.attacks.simulation import (
-    AdversarialTransport,
-    CkksAdversarialTransport,
-    MaskingAdversarialTransport,
-    build_adversary,
-)
+from secfl.attacks.simulation import adversarial_transport, build_adversary
 from secfl.audit.events import EventLog, read_events
 from secfl.client.app import ClientApp
 from secfl.config import RunConfig
@@ -94,23 +89,19 @@ def adversary_transport(
     ``secfl.run`` does (:func:`secfl.attacks.simulation.with_adversary`), with the run's
     one adversary. The federation's event log gets ``adversary_selected`` (its ground
     truth) at its first round unless it already has it (a resumed run)."""
-    kinds: dict[str, type[AdversarialTransport]] = {
-        "none": AdversarialTransport,
-        "masking": MaskingAdversarialTransport,
-        "ckks": CkksAdversarialTransport,
-    }
-    kind = kinds[config.aggregation.protection]
+    protection = config.aggregation.protection
 
     def wrap(inner: Transport, clients: list[ClientApp], events: EventLog) -> Transport:
         logged = events.path.exists() and any(
             e.get("event") == "adversary_selected" for e in read_events(events.path)
         )
-        return kind(
+        return adversarial_transport(
             inner,
             adversary,
+            protection,
+            clients,
             randomness=randomness,
             events=events,
-            clients={c.client_id: c for c in clients},
             announce=not logged,
         )
 
@@ -149,6 +140,29 @@ def admit(
     if shared is None:
         return list(clients)
     return shared.admit(list(clients), round_index=round_index, attempt=attempt, events=events)
+
+
+def admitted_mask(
+    feds: Sequence[TaskFederation],
+    available: np.ndarray,
+    *,
+    round_index: int,
+    attempt: int,
+    events: EventLog,
+) -> np.ndarray:
+    """:func:`admit` over the clients marked in ``available`` (a boolean mask over the
+    population), as a mask of the same shape: True for each available client admitted."""
+    admitted = np.zeros_like(available)
+    admitted[
+        admit(
+            feds,
+            [int(c) for c in np.flatnonzero(available)],
+            round_index=round_index,
+            attempt=attempt,
+            events=events,
+        )
+    ] = True
+    return admitted
 
 
 def after_round(fed: TaskFederation, outcome: RoundOutcome, *, round_index: int) -> None:

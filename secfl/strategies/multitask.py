@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,6 +278,46 @@ def build_task(
     )
 
 
+def build_federations(
+    config: RunConfig,
+    specs: Sequence[SchedulerTaskConfig],
+    folder: Path,
+    randomness: Randomness,
+    events: EventLog,
+    *,
+    clients: int,
+    fresh: bool,
+    clock: Callable[[], float] = time.time,
+    model_builders: Sequence[Callable[[FederatedData, bool], nn.Module]] | None = None,
+) -> tuple[list[TaskFederation], cohort_trust.RunAdversary | None]:
+    """One federation per spec (:func:`build_task`, with ``model_builders[i]`` for spec
+    ``i`` when given) over a population of ``clients``, with ``trust:`` a trust module each
+    (their per-client reputation and suspicion shared) and with ``adversary:`` the run's
+    one adversary (drawn once, before the federations are built) around each federation's
+    clients; returns the federations and that adversary."""
+    adversary = cohort_trust.draw_adversary(config, clients, randomness, events)
+    builders: list[Callable[[FederatedData, bool], nn.Module] | None] = (
+        [None] * len(specs) if model_builders is None else list(model_builders)
+    )
+    feds = [
+        build_task(
+            config,
+            spec,
+            folder,
+            randomness,
+            events,
+            fresh=fresh,
+            clock=clock,
+            model_builder=builder,
+            trust=config.trust is not None,
+            adversary=None if adversary is None else adversary.wrapper(config, randomness),
+        )
+        for spec, builder in zip(specs, builders, strict=True)
+    ]
+    cohort_trust.share_trust_state(feds)
+    return feds, adversary
+
+
 def check_strategy_config(config: RunConfig) -> SchedulerStrategy:
     strategy = config.server.strategy
     if strategy is None or strategy.kind != "scheduler":
@@ -367,22 +407,16 @@ def run_scheduled(
     strategy = check_strategy_config(config)
     population = DevicePopulation.draw(strategy.devices, randomness)
     # one draw of the malicious devices for every task (a device is a client of each)
-    adversary = cohort_trust.draw_adversary(config, population.count, randomness, events)
-    tasks = [
-        build_task(
-            config,
-            t,
-            folder,
-            randomness,
-            events,
-            fresh=checkpoint is None,
-            clock=clock,
-            trust=config.trust is not None,
-            adversary=None if adversary is None else adversary.wrapper(config, randomness),
-        )
-        for t in strategy.tasks
-    ]
-    cohort_trust.share_trust_state(tasks)
+    tasks, adversary = build_federations(
+        config,
+        strategy.tasks,
+        folder,
+        randomness,
+        events,
+        clients=population.count,
+        fresh=checkpoint is None,
+        clock=clock,
+    )
     policy = make_policy(strategy.policy, fairness_weight=strategy.fairness_weight)
     times = np.stack([t.workload.device_times(population) for t in tasks], axis=1)
     within_limit = (
@@ -515,16 +549,9 @@ def _run_scheduled_round(
     attempts = [_attempt_for(round_index, t.events, randomness) if resumed else 0 for t in tasks]
     # suspicion is per device (masking): a device over the bound is not eligible for any
     # task, so every cohort is assigned from admitted devices and keeps >= min_cohort
-    admitted = np.zeros_like(available)
-    admitted[
-        cohort_trust.admit(
-            tasks,
-            [int(d) for d in np.flatnonzero(available)],
-            round_index=round_index,
-            attempt=max(attempts),
-            events=events,
-        )
-    ] = True
+    admitted = cohort_trust.admitted_mask(
+        tasks, available, round_index=round_index, attempt=max(attempts), events=events
+    )
     payable = np.stack([t.can_pay(round_index) for t in tasks], axis=1)
     request = RoundRequest(
         round=round_index,

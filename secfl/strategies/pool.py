@@ -69,7 +69,7 @@ from secfl.record.checkpoint import Checkpoint, write_checkpoint
 from secfl.record.report import write_report
 from secfl.strategies import cohort_trust
 from secfl.strategies.cohort_trust import RunAdversary
-from secfl.strategies.multitask import TaskFederation, build_task
+from secfl.strategies.multitask import TaskFederation, build_federations
 from secfl.strategies.pool_assign import PoolAssignment, PoolParticipant, assign
 from secfl.strategies.pool_select import Candidate, eliminate, has_converged
 from secfl.trust.defense import TrustModule
@@ -235,23 +235,21 @@ def build_pool(
     parameters = {m.name: parameter_count(m, probe) for m in strategy.models}
     size = max(parameters.values())
     # one draw of the malicious clients for the whole pool
-    adversary = cohort_trust.draw_adversary(config, config.data.num_clients, randomness, events)
-    models = [
-        build_task(
-            config,
-            spec,
-            folder,
-            randomness,
-            events,
-            fresh=fresh,
-            clock=clock,
-            model_builder=model_builder(m, i, size, randomness),
-            trust=config.trust is not None,
-            adversary=None if adversary is None else adversary.wrapper(config, randomness),
-        )
-        for i, (spec, m) in enumerate(zip(specs, strategy.models, strict=True))
-    ]
-    trust = cohort_trust.share_trust_state(models)
+    models, adversary = build_federations(
+        config,
+        specs,
+        folder,
+        randomness,
+        events,
+        clients=config.data.num_clients,
+        fresh=fresh,
+        clock=clock,
+        model_builders=[
+            model_builder(m, i, size, randomness) for i, m in enumerate(strategy.models)
+        ],
+    )
+    # the module whose per-client reputation and suspicion every model's module shares
+    trust = models[0].trust
     names = [m.name for m in strategy.models]
     participants = {
         i: PoolParticipant(

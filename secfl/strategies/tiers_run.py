@@ -52,7 +52,7 @@ from secfl.strategies.multitask import (
     _checkpoint,
     _finish,
     _restore,
-    build_task,
+    build_federations,
     skip_task_round,
 )
 from secfl.strategies.scheduler import jain_index
@@ -150,10 +150,9 @@ def run_tiers(
     profiles, tiers = tier_layout(config, strategy, randomness)
     specs = [strategy.tiers[t.variant] for t in tiers]
     # one draw of the malicious clients for every tier
-    adversary = cohort_trust.draw_adversary(config, profiles.count, randomness, events)
-    tasks = [
-        build_task(
-            config,
+    tasks, adversary = build_federations(
+        config,
+        [
             SchedulerTaskConfig(
                 name=spec.name,
                 data=config.data,
@@ -167,18 +166,16 @@ def run_tiers(
                         min_cohort=config.aggregation.min_cohort,
                     ),
                 ),
-            ),
-            folder,
-            randomness,
-            events,
-            fresh=checkpoint is None,
-            clock=clock,
-            trust=config.trust is not None,
-            adversary=None if adversary is None else adversary.wrapper(config, randomness),
-        )
-        for tier, spec in zip(tiers, specs, strict=True)
-    ]
-    cohort_trust.share_trust_state(tasks)
+            )
+            for tier, spec in zip(tiers, specs, strict=True)
+        ],
+        folder,
+        randomness,
+        events,
+        clients=profiles.count,
+        fresh=checkpoint is None,
+        clock=clock,
+    )
     # teacher copies of each tier's model: students must not change a teacher mid-transfer
     teachers = [copy.deepcopy(t.model) for t in tasks]
     times = [t.workload.device_times(profiles.population) for t in tasks]
@@ -296,16 +293,9 @@ def _run_tiered_round(
     attempts = [_attempt_for(round_index, t.events, randomness) if resumed else 0 for t in tasks]
     # suspicion is per client (masking): a client over the bound is left out before any
     # tier draws its cohort, so every cohort is drawn from admitted members (>= min_cohort)
-    admitted = np.zeros_like(available)
-    admitted[
-        cohort_trust.admit(
-            tasks,
-            [int(c) for c in np.flatnonzero(available)],
-            round_index=round_index,
-            attempt=max(attempts),
-            events=events,
-        )
-    ] = True
+    admitted = cohort_trust.admitted_mask(
+        tasks, available, round_index=round_index, attempt=max(attempts), events=events
+    )
     rows: dict[str, dict[str, Any]] = {}
     outcomes: dict[int, Any] = {}
     for k, (tier, task) in enumerate(zip(tiers, tasks, strict=True)):
