@@ -900,7 +900,7 @@ class InversionSettingsConfig(StrictModel):
     #: The synthetic inputs' per-feature std is matched to this multiple of the released
     #: population std (0: only the mean is matched). At exactly 1 the samples sit as near the
     #: training records as unseen records do (memorisation ratio ~1.0 on MNIST-1D). ``null``
-    #: (default): 1.05, or 1.12 when ``refine.shared`` also fine-tunes the model on real
+    #: (default): 1.05, or 1.2 when ``refine.shared`` also fine-tunes the model on real
     #: records, which pulls its inversions towards them (see docs/refinement.md).
     input_spread: Annotated[float, Field(ge=0, le=10)] | None = None
     #: Input features whose std is at most this fraction of the median feature's (constant

@@ -177,7 +177,7 @@ def test_input_spread_default_widens_when_the_model_is_also_tuned_on_shared_reco
 
     default = RefineServerInversionConfig()
     assert InversionSettings.of(default).input_spread == 1.05
-    assert InversionSettings.of(default, shared_tuning=True).input_spread == 1.12
+    assert InversionSettings.of(default, shared_tuning=True).input_spread == 1.2
     explicit = RefineServerInversionConfig(input_spread=1.0)
     assert InversionSettings.of(explicit, shared_tuning=True).input_spread == 1.0
 
