@@ -303,9 +303,10 @@ def run_case(case: Case, workdir: str) -> dict[str, Any]:
 
     config = case_config(case)
     folder = Path(workdir) / case.name
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = run(config, folder)
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     data = build_federated_data(config.data, Randomness(config.security.randomness, config.seed))
     backdoor = get_attack("backdoor", ATTACKS["backdoor"][1])
     asr = backdoor_success_rate(result.model, data.test.x, data.test.y, backdoor)
@@ -316,6 +317,7 @@ def run_case(case: Case, workdir: str) -> dict[str, Any]:
         "trigger_rate": asr,
         "counts": asdict(counts),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
     }
 
 
@@ -617,6 +619,11 @@ def measure_matrix(settings: BenchSettings, workdir: Path, workers: int) -> dict
                     "total": float(sum(seconds)),
                     "median": float(statistics.median(seconds)) if seconds else 0.0,
                     "max": float(max(seconds)) if seconds else 0.0,
+                    # CPU time of the runs (their processes' own, whatever else the machine
+                    # runs): total / workers is the wall time on an otherwise idle machine
+                    "cpu_total": float(
+                        sum(r.get("cpu_seconds", 0.0) for r in matrix.results.values())
+                    ),
                 },
             },
         },
