@@ -180,7 +180,7 @@ def test_gradient_update_is_the_true_gradient_at_the_global_weights() -> None:
     np.testing.assert_allclose(stepped, weights - np.float32(0.3) * update, rtol=1e-6)
 
 
-@pytest.mark.parametrize("protection", ["none", "masking"])
+@pytest.mark.parametrize("protection", ["none", "masking", "ckks"])
 def test_gradient_runs_improve_on_the_initial_model(tmp_path: Path, protection: str) -> None:
     config = small_config(
         rounds=6,

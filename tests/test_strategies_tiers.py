@@ -217,7 +217,7 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.open()]
 
 
-@pytest.mark.parametrize("protection", ["none", "masking"])
+@pytest.mark.parametrize("protection", ["none", "masking", "ckks"])
 def test_smoke_run_merges_and_keeps_cohorts(tmp_path: Path, protection: str) -> None:
     out = tmp_path / protection
     result = _quiet_run(_tiny(protection), out)
