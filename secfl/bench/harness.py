@@ -44,6 +44,30 @@ def run_in_processes(
         return {c: future.result() for c, future in futures.items()}
 
 
+@dataclass(frozen=True, eq=False)
+class TimedRun:
+    """A federated run's result with its wall and CPU seconds (the process's own)."""
+
+    result: Any
+    seconds: float
+    cpu_seconds: float
+
+
+def timed_run(config: Any, folder: Path, *, quiet: bool = False) -> TimedRun:
+    """``secfl.run(config, folder)``, timed; ``quiet`` hides its warnings (mode none's
+    plaintext warning, once per federation of a strategy)."""
+    import warnings
+
+    from secfl.runner import run
+
+    started, cpu = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        result = run(config, folder)
+    return TimedRun(result, time.perf_counter() - started, time.process_time() - cpu)
+
+
 #: Environment variable naming a work folder that outlives the bench run (see bench_workdir).
 WORKDIR_ENV = "SECFL_BENCH_WORKDIR"
 

@@ -52,6 +52,7 @@ from secfl.bench.harness import (
     bench_workdir,
     register_benchmark,
     run_in_processes,
+    timed_run,
 )
 
 DATASETS = ("digits", "mnist1d")
@@ -248,14 +249,11 @@ def run_case(case: Case, workdir: str) -> dict[str, Any]:
     from secfl.data.federated import build_federated_data
     from secfl.randomness import Randomness
     from secfl.record.checkpoint import read_checkpoint
-    from secfl.runner import run
 
     config = case_config(case)
     folder = Path(workdir) / case.name
-    started, cpu_started = time.perf_counter(), time.process_time()
-    result = run(config, folder)
-    seconds = time.perf_counter() - started
-    cpu_seconds = time.process_time() - cpu_started
+    timed = timed_run(config, folder)
+    result, seconds, cpu_seconds = timed.result, timed.seconds, timed.cpu_seconds
     refined = [row["refine"] for row in result.history if "refine" in row]
     ratios = [float(r["memorisation"]["ratio"]) for r in refined if "memorisation" in r]
     out: dict[str, Any] = {

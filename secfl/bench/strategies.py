@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from secfl.bench.client_kd import measure_client_kd
-from secfl.bench.harness import BenchSettings, register_benchmark, run_in_processes
+from secfl.bench.harness import BenchSettings, register_benchmark, run_in_processes, timed_run
 from secfl.config import RunConfig, config_from_dict
 
 WORKERS = max(1, min(2, os.cpu_count() or 1))
@@ -148,20 +148,14 @@ def scheduler_config(
 
 def run_case(case: Case, workdir: str) -> dict[str, Any]:
     """One run: per task final accuracy, simulated time, rounds run; the final Jain index."""
-    import warnings
-
-    from secfl.runner import run
     from secfl.strategies.multitask import summary
 
     config = scheduler_config(case.policy, case.seed, SMOKE if case.smoke else FULL)
-    started, cpu = time.perf_counter(), time.process_time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # mode none's plaintext warning, once per task
-        result = run(config, Path(workdir) / case.name)
+    timed = timed_run(config, Path(workdir) / case.name, quiet=True)
     return {
-        **summary(result.history),
-        "seconds": time.perf_counter() - started,
-        "cpu_seconds": time.process_time() - cpu,
+        **summary(timed.result.history),
+        "seconds": timed.seconds,
+        "cpu_seconds": timed.cpu_seconds,
     }
 
 

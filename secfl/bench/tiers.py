@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from secfl.bench.harness import run_in_processes
+from secfl.bench.harness import run_in_processes, timed_run
 from secfl.config import RunConfig, config_from_dict
 
 VARIANTS = ("transfer", "no_transfer", "single_small")
@@ -116,20 +116,14 @@ def tiers_config(
 
 def run_tier_case(case: TierCase, workdir: str) -> dict[str, Any]:
     """One run: per tier final and tail accuracy (``multitask.summary``), wall time."""
-    import warnings
-
-    from secfl.runner import run
     from secfl.strategies.multitask import summary
 
     config = tiers_config(case.variant, case.seed, TIERS_SMOKE if case.smoke else TIERS_FULL)
-    started, cpu = time.perf_counter(), time.process_time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # mode none's plaintext warning, once per tier
-        result = run(config, Path(workdir) / case.name)
+    timed = timed_run(config, Path(workdir) / case.name, quiet=True)
     return {
-        **summary(result.history),
-        "seconds": time.perf_counter() - started,
-        "cpu_seconds": time.process_time() - cpu,
+        **summary(timed.result.history),
+        "seconds": timed.seconds,
+        "cpu_seconds": timed.cpu_seconds,
     }
 
 

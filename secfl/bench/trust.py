@@ -49,6 +49,7 @@ from secfl.bench.harness import (
     bench_workdir,
     register_benchmark,
     run_in_processes,
+    timed_run,
 )
 
 _EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -299,14 +300,11 @@ def run_case(case: Case, workdir: str) -> dict[str, Any]:
     from secfl.data.federated import build_federated_data
     from secfl.randomness import Randomness
     from secfl.record import rundir
-    from secfl.runner import run
 
     config = case_config(case)
     folder = Path(workdir) / case.name
-    started, cpu_started = time.perf_counter(), time.process_time()
-    result = run(config, folder)
-    seconds = time.perf_counter() - started
-    cpu_seconds = time.process_time() - cpu_started
+    timed = timed_run(config, folder)
+    result = timed.result
     data = build_federated_data(config.data, Randomness(config.security.randomness, config.seed))
     backdoor = get_attack("backdoor", ATTACKS["backdoor"][1])
     asr = backdoor_success_rate(result.model, data.test.x, data.test.y, backdoor)
@@ -316,8 +314,8 @@ def run_case(case: Case, workdir: str) -> dict[str, Any]:
         "accuracy": float(result.history[-1]["accuracy"]),
         "trigger_rate": asr,
         "counts": asdict(counts),
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
+        "seconds": timed.seconds,
+        "cpu_seconds": timed.cpu_seconds,
     }
 
 
