@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import secfl
 from secfl.audit.events import read_events
@@ -19,7 +20,7 @@ from secfl.encode.flatten import flatten_parameters, load_parameters
 from secfl.errors import ConfigError
 from secfl.models import build_model
 from secfl.randomness import Randomness
-from secfl.refine.collect import STATS_ATTEMPT_OFFSET
+from secfl.refine.collect import STATS_ATTEMPT_OFFSET, ReleasedMoments
 from secfl.refine.guard import teacher_source
 from secfl.refine.inversion import InversionSettings, invert
 from secfl.refine.memorisation import memorisation_check
@@ -182,6 +183,34 @@ def test_input_spread_default_widens_when_the_model_is_also_tuned_on_shared_reco
     assert InversionSettings.of(explicit, shared_tuning=True).input_spread == 1.0
 
 
+def test_hidden_moments_are_matched_on_the_model_they_were_computed_under(trained_digits) -> None:
+    """Moments released under an earlier broadcast describe that model's activations: matched
+    on the teacher they pull its hidden features somewhere meaningless; matched on their own
+    model (``moments_model``) the samples reproduce them."""
+    model, pool, _ = trained_digits
+    torch.manual_seed(5)
+    earlier = build_model(ModelConfig(kind="mlp", hidden=[32]), pool.x.shape[1:], 10)
+    moments = ActivationMoments.of_data(earlier, pool.x)
+
+    def hidden_mismatch(probe_model: nn.Module | None) -> float:
+        synthetic = invert(
+            [model],
+            input_shape=pool.x.shape[1:],
+            classes=range(10),
+            settings=InversionSettings(per_class=4, steps=150),
+            stream=Randomness("seeded", 1).stream("test.inversion"),
+            moments=moments,
+            moments_model=probe_model,
+        )
+        got = ActivationMoments.of_data(earlier, synthetic.x)
+        return float(np.linalg.norm(got.mean[1] - moments.mean[1]))
+
+    on_own_model, on_teacher = hidden_mismatch(earlier), hidden_mismatch(None)
+    assert on_own_model < 0.5 * on_teacher
+    # the probed model is restored for training afterwards
+    assert all(p.requires_grad for p in earlier.parameters())
+
+
 def test_inversion_holds_features_outside_the_datas_support_at_their_mean(trained_digits) -> None:
     """Border pixels constant in the data stay constant in the synthetic samples, so client
     augmentation never trains the weights they feed (the trust module's dormant-unit rule
@@ -306,7 +335,7 @@ def test_moments_are_securely_aggregated_under_masking(tmp_path: Path, monkeypat
     vectors (clip large, no noise: equal up to SecAgg's quantisation)."""
     from secfl.refine import server as refine_server
 
-    seen: list[ActivationMoments] = []
+    seen: list[ReleasedMoments] = []
     original = refine_server.ServerRefiner._invert
 
     def spy(self, inversion, teachers, round_index, attempt, moments, aggregate):
@@ -327,8 +356,11 @@ def test_moments_are_securely_aggregated_under_masking(tmp_path: Path, monkeypat
     exact = ActivationMoments.of_data(model, records)
     (released,) = seen
     assert released is not None
-    for got, want in zip(released.mean, exact.mean, strict=True):
+    for got, want in zip(released.moments.mean, exact.mean, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-2, rtol=1e-2)
+    # the release names the model it describes: round 1's broadcast, the initial model
+    assert released.round == 1
+    np.testing.assert_array_equal(released.weights, flatten_parameters(model))
     events = read_events(tmp_path / "run" / "events.jsonl")
     collected = [e for e in events if e["event"] == "moments_collected"]
     assert len(collected) == 1 and collected[0]["attempt"] == STATS_ATTEMPT_OFFSET

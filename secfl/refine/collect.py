@@ -21,6 +21,7 @@ entries of a model-sized vector and the rest are zeros.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,6 +60,16 @@ def encoding_range(config: RunConfig) -> float:
     if protection == "ckks":
         return float(config.aggregation.ckks.clip_range)
     return 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class ReleasedMoments:
+    """The last released moments, the broadcast weights they were computed under (their
+    hidden layers describe that model only) and the round they were collected in."""
+
+    moments: ActivationMoments
+    weights: np.ndarray
+    round: int
 
 
 class MomentFacet(ClientApp):
@@ -175,17 +186,21 @@ class MomentCollector:
         self._transport = InProcessTransport({f.client_id: f.handle for f in facets})
         self.last_round: int | None = None
         self.last: np.ndarray | None = None
+        #: the broadcast weights the last moments were computed under
+        self.last_weights: np.ndarray | None = None
 
     def __call__(
         self, round_index: int, attempt: int, before: np.ndarray, participants: list[int]
-    ) -> ActivationMoments | None:
+    ) -> ReleasedMoments | None:
         fresh = self.last_round is not None and round_index - self.last_round < self.every
         if not fresh:
             self._collect(round_index, attempt, before, participants)
-        if self.last is None:
+        if self.last is None or self.last_weights is None or self.last_round is None:
             return None
-        return ActivationMoments.from_mean_vector(
-            self.last * (self._clip / self._scale), self._sizes
+        return ReleasedMoments(
+            ActivationMoments.from_mean_vector(self.last * (self._clip / self._scale), self._sizes),
+            self.last_weights,
+            self.last_round,
         )
 
     def _collect(
@@ -222,6 +237,7 @@ class MomentCollector:
             )
             return
         self.last = np.asarray(result.mean_update[: self._dimension], dtype=np.float64)
+        self.last_weights = weights.copy()
         self.last_round = round_index
         self._events.emit(
             "moments_collected",
@@ -232,14 +248,20 @@ class MomentCollector:
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
-        if self.last is None or self.last_round is None:
+        if self.last is None or self.last_round is None or self.last_weights is None:
             return {}
         return {
             "refine.moments.vector": self.last,
             "refine.moments.round": np.array([self.last_round]),
+            "refine.moments.weights": self.last_weights,
         }
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
-        if "refine.moments.vector" in arrays:
+        keys = ("refine.moments.vector", "refine.moments.round", "refine.moments.weights")
+        if all(k in arrays for k in keys):
             self.last = np.array(arrays["refine.moments.vector"], dtype=np.float64)
             self.last_round = int(np.asarray(arrays["refine.moments.round"])[0])
+            self.last_weights = np.array(arrays["refine.moments.weights"], dtype=np.float32)
+        else:
+            # moments without the model they describe cannot be matched: collect afresh
+            self.last = self.last_weights = self.last_round = None

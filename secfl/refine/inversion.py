@@ -108,10 +108,15 @@ def invert(
     settings: InversionSettings,
     stream: RandomStream,
     moments: ActivationMoments | None = None,
+    moments_model: nn.Module | None = None,
     student: nn.Module | None = None,
 ) -> SyntheticSet:
     """``settings.per_class`` synthetic inputs per class in ``classes``, optimised so that the
-    teacher ensemble assigns each its target class (see the module docstring)."""
+    teacher ensemble assigns each its target class (see the module docstring).
+
+    ``moments_model`` is the model whose activations ``moments`` describe (the broadcast
+    model of the statistics round); the hidden-layer moments are matched on its activations,
+    never on a model they were not computed under. Default: ``teachers[0]``."""
     if not teachers:
         raise ValueError("model inversion needs at least one teacher model")
     targets = np.repeat(np.asarray(classes, dtype=np.int64), settings.per_class)
@@ -130,19 +135,27 @@ def invert(
                 init = np.where(off, mean, init)
     x = torch.tensor(init, dtype=torch.float32, requires_grad=True)
     y = torch.from_numpy(targets)
-    for model in teachers:
+    if student is not None:
+        student.eval()
+    probed = teachers[0] if moments_model is None else moments_model
+    # a probed model outside the ensemble needs its own forward pass every step
+    extra = None if any(probed is t for t in teachers) else probed
+    frozen = [*teachers, *([] if extra is None else [extra])]
+    for model in frozen:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-    if student is not None:
-        student.eval()
-    probe = MomentProbe(teachers[0]) if moments is not None and settings.feature_stats > 0 else None
+    probe = None
+    if moments is not None and settings.feature_stats > 0:
+        probe = MomentProbe(probed)
     optimizer = torch.optim.Adam([x], lr=settings.lr)
     try:
         for _ in range(settings.steps):
             optimizer.zero_grad(set_to_none=True)
             if probe is not None:
                 probe.start(x)
+                if extra is not None:
+                    extra(x)
             logits = ensemble_logits(teachers, x)
             loss = F.cross_entropy(logits, y)
             loss = loss + settings.tv * total_variation(x) + settings.l2 * x.pow(2).mean()
@@ -163,7 +176,7 @@ def invert(
     finally:
         if probe is not None:
             probe.close()
-        for model in teachers:
+        for model in frozen:
             for p in model.parameters():
                 p.requires_grad_(True)
     return SyntheticSet(x.detach().numpy().astype(np.float32), targets)

@@ -27,7 +27,7 @@ from secfl.refine.moments import ActivationMoments
 from secfl.refine.tune import distill, finetune_on_shared
 
 if TYPE_CHECKING:
-    from secfl.refine.collect import MomentCollector
+    from secfl.refine.collect import MomentCollector, ReleasedMoments
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,11 +164,18 @@ class ServerRefiner:
         teacher_weights: list[np.ndarray],
         round_index: int,
         attempt: int,
-        moments: ActivationMoments | None,
+        released: ReleasedMoments | None,
         aggregate: np.ndarray,
     ) -> SyntheticSet:
         student = self._factory()
         load_parameters(student, aggregate)
+        moments: ActivationMoments | None = None
+        moments_model: nn.Module | None = None
+        if released is not None:
+            # the hidden-layer moments are matched on the model they were computed under
+            moments = released.moments
+            moments_model = self._factory()
+            load_parameters(moments_model, released.weights)
         return invert(
             self._models(teacher_weights),
             input_shape=self._input_shape,
@@ -178,6 +185,7 @@ class ServerRefiner:
                 "refine.inversion_init", round_index=round_index, attempt=attempt
             ),
             moments=moments,
+            moments_model=moments_model,
             student=student if inversion.adversarial > 0 else None,
         )
 
