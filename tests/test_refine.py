@@ -24,7 +24,12 @@ from secfl.refine.collect import STATS_ATTEMPT_OFFSET, ReleasedMoments
 from secfl.refine.guard import teacher_source
 from secfl.refine.inversion import InversionSettings, invert
 from secfl.refine.memorisation import memorisation_check
-from secfl.refine.moments import ActivationMoments, noised_moment_sum, record_moment_vectors
+from secfl.refine.moments import (
+    COUNT_FRACTION,
+    ActivationMoments,
+    noised_moment_sum,
+    record_moment_vectors,
+)
 from secfl.refine.tune import distill
 
 from .conftest import small_config
@@ -292,8 +297,11 @@ def test_moment_release_is_clipped_and_carries_the_stated_noise(trained_digits) 
     exact = noised_moment_sum(
         model, pool.x[:50], clip=clip, noise_multiplier=0.0, stream=_stream(0)
     )
-    norms = np.linalg.norm(rows, axis=1)
-    clipped = rows * np.minimum(1.0, clip / norms)[:, None]
+    # each record's vector is its moments and the count coordinate, clipped as one
+    full = np.concatenate([rows, np.full((50, 1), COUNT_FRACTION * clip)], axis=1)
+    norms = np.linalg.norm(full, axis=1)
+    assert (norms > clip).mean() > 0.5  # most records are clipped at this clip
+    clipped = full * np.minimum(1.0, clip / norms)[:, None]
     np.testing.assert_allclose(exact, clipped.sum(axis=0), rtol=1e-6)
     draws = np.stack(
         [
@@ -306,6 +314,36 @@ def test_moment_release_is_clipped_and_carries_the_stated_noise(trained_digits) 
     )
     std = float(draws.std())
     assert abs(std - sigma * clip) < 0.1 * sigma * clip
+
+
+def test_released_moments_are_not_shrunk_by_clipping(trained_digits) -> None:
+    """Dividing by the clipped count coordinate gives the clip-factor-weighted mean of the
+    unscaled moments; dividing by the record count would shrink every moment by the mean
+    clip factor (here by about half)."""
+    model, pool, _ = trained_digits
+    x = pool.x[:200]
+    rows, sizes = record_moment_vectors(model, x)
+    clip = 0.5 * float(np.median(np.linalg.norm(rows, axis=1)))
+    total = noised_moment_sum(model, x, clip=clip, noise_multiplier=0.0, stream=_stream(0))
+    released = ActivationMoments.from_release(total / 7.0, sizes, clip=clip)  # scale cancels
+    assert released is not None
+    norms = np.linalg.norm(
+        np.concatenate([rows, np.full((200, 1), COUNT_FRACTION * clip)], axis=1), axis=1
+    )
+    f = np.minimum(1.0, clip / norms)
+    weighted = ActivationMoments.from_mean_vector((rows * f[:, None]).sum(0) / f.sum(), sizes)
+    exact = ActivationMoments.of_data(model, x)
+    shrunk = ActivationMoments.from_mean_vector(total[:-1] / len(x), sizes)
+    for layer in range(len(sizes)):
+        np.testing.assert_allclose(released.mean[layer], weighted.mean[layer], rtol=1e-5)
+        err = np.linalg.norm(released.mean[layer] - exact.mean[layer])
+        shrunk_err = np.linalg.norm(shrunk.mean[layer] - exact.mean[layer])
+        assert err < 0.5 * shrunk_err
+    # a count the noise has driven to zero or below releases nothing
+    total[-1] = -1.0
+    assert ActivationMoments.from_release(total, sizes, clip=clip) is None
+    with pytest.raises(ValueError, match="count coordinate"):
+        ActivationMoments.from_release(total[:-1], sizes, clip=clip)
 
 
 def _stream(k: int):

@@ -13,9 +13,11 @@ Each client charges one Gaussian event (noise multiplier ``moments.noise_multipl
 sensitivity ``moments.clip``, no sampling) to its record-level ledger before it answers; an
 exhausted budget makes it refuse, which the protocol treats as a dropout. The client sends
 ``S / (n * clip) * clip_range / 2`` with weight ``n`` (its record count), so the released
-weighted mean is the population mean of the clipped vectors scaled into the encoding range,
-plus noise. Protocol vectors are sized like the model, so the moments fill the first
-entries of a model-sized vector and the rest are zeros.
+weighted mean is the population sum of the clipped vectors (moments and count coordinate)
+over a common scale, plus noise; the server divides the moments by the count coordinate
+(:meth:`ActivationMoments.from_release`), where the scale cancels. Protocol vectors are
+sized like the model, so the release fills the first entries of a model-sized vector and
+the rest are zeros.
 """
 
 from __future__ import annotations
@@ -197,11 +199,10 @@ class MomentCollector:
             self._collect(round_index, attempt, before, participants)
         if self.last is None or self.last_weights is None or self.last_round is None:
             return None
-        return ReleasedMoments(
-            ActivationMoments.from_mean_vector(self.last * (self._clip / self._scale), self._sizes),
-            self.last_weights,
-            self.last_round,
-        )
+        moments = ActivationMoments.from_release(self.last, self._sizes, clip=self._clip)
+        if moments is None:
+            return None
+        return ReleasedMoments(moments, self.last_weights, self.last_round)
 
     def _collect(
         self, round_index: int, attempt: int, before: np.ndarray, participants: list[int]
@@ -236,7 +237,16 @@ class MomentCollector:
                 reason="no statistics could be revealed (too few contributors)",
             )
             return
-        self.last = np.asarray(result.mean_update[: self._dimension], dtype=np.float64)
+        release = np.asarray(result.mean_update[: self._dimension], dtype=np.float64)
+        if ActivationMoments.from_release(release, self._sizes, clip=self._clip) is None:
+            self._events.emit(
+                "moments_skipped",
+                round=round_index,
+                attempt=stats_attempt,
+                reason="the released record count is not positive (noise exceeds the records)",
+            )
+            return
+        self.last = release
         self.last_weights = weights.copy()
         self.last_round = round_index
         self._events.emit(
@@ -258,10 +268,11 @@ class MomentCollector:
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
         keys = ("refine.moments.vector", "refine.moments.round", "refine.moments.weights")
-        if all(k in arrays for k in keys):
+        if all(k in arrays for k in keys) and arrays[keys[0]].size == self._dimension:
             self.last = np.array(arrays["refine.moments.vector"], dtype=np.float64)
             self.last_round = int(np.asarray(arrays["refine.moments.round"])[0])
             self.last_weights = np.array(arrays["refine.moments.weights"], dtype=np.float32)
         else:
-            # moments without the model they describe cannot be matched: collect afresh
+            # moments without the model they describe (or of an older layout) cannot be
+            # matched: collect afresh
             self.last = self.last_weights = self.last_round = None
