@@ -137,19 +137,31 @@ def trained_digits() -> tuple[torch.nn.Module, Dataset, Dataset]:
     return model, pool, data.test
 
 
+def _invert_digits(
+    model: nn.Module,
+    pool: Dataset,
+    moments: ActivationMoments,
+    settings: InversionSettings,
+    moments_model: nn.Module | None = None,
+):
+    """Invert ``model`` into samples of every digit class from one fixed seeded stream."""
+    return invert(
+        [model],
+        input_shape=pool.x.shape[1:],
+        classes=range(10),
+        settings=settings,
+        stream=Randomness("seeded", 1).stream("test.inversion"),
+        moments=moments,
+        moments_model=moments_model,
+    )
+
+
 def test_inverted_samples_are_classified_as_their_target(trained_digits) -> None:
     model, pool, _ = trained_digits
     correct, _ = evaluate(model, pool)
     assert correct.mean() > 0.9
     moments = ActivationMoments.of_data(model, pool.x)
-    synthetic = invert(
-        [model],
-        input_shape=pool.x.shape[1:],
-        classes=range(10),
-        settings=InversionSettings(per_class=4, steps=150),
-        stream=Randomness("seeded", 1).stream("test.inversion"),
-        moments=moments,
-    )
+    synthetic = _invert_digits(model, pool, moments, InversionSettings(per_class=4, steps=150))
     assert synthetic.x.shape == (40, *pool.x.shape[1:]) and synthetic.x.dtype == np.float32
     assert list(np.bincount(synthetic.y)) == [4] * 10
     with torch.no_grad():
@@ -164,13 +176,8 @@ def test_input_spread_sets_the_synthetic_inputs_spread(trained_digits) -> None:
     moments = ActivationMoments.of_data(model, pool.x)
     spread = {}
     for factor in (1.0, 1.5):
-        synthetic = invert(
-            [model],
-            input_shape=pool.x.shape[1:],
-            classes=range(10),
-            settings=InversionSettings(per_class=4, steps=150, input_spread=factor),
-            stream=Randomness("seeded", 1).stream("test.inversion"),
-            moments=moments,
+        synthetic = _invert_digits(
+            model, pool, moments, InversionSettings(per_class=4, steps=150, input_spread=factor)
         )
         spread[factor] = float(np.linalg.norm(synthetic.x.std(axis=0)))
     target = float(np.linalg.norm(np.sqrt(moments.input_var)))
@@ -198,13 +205,11 @@ def test_hidden_moments_are_matched_on_the_model_they_were_computed_under(traine
     moments = ActivationMoments.of_data(earlier, pool.x)
 
     def hidden_mismatch(probe_model: nn.Module | None) -> float:
-        synthetic = invert(
-            [model],
-            input_shape=pool.x.shape[1:],
-            classes=range(10),
-            settings=InversionSettings(per_class=4, steps=150),
-            stream=Randomness("seeded", 1).stream("test.inversion"),
-            moments=moments,
+        synthetic = _invert_digits(
+            model,
+            pool,
+            moments,
+            InversionSettings(per_class=4, steps=150),
             moments_model=probe_model,
         )
         got = ActivationMoments.of_data(earlier, synthetic.x)
@@ -226,13 +231,8 @@ def test_inversion_holds_features_outside_the_datas_support_at_their_mean(traine
     assert 0 < constant.sum() < constant.size
     made = {}
     for floor in (0.05, 0.0):
-        made[floor] = invert(
-            [model],
-            input_shape=pool.x.shape[1:],
-            classes=range(10),
-            settings=InversionSettings(per_class=2, steps=60, support_floor=floor),
-            stream=Randomness("seeded", 1).stream("test.inversion"),
-            moments=moments,
+        made[floor] = _invert_digits(
+            model, pool, moments, InversionSettings(per_class=2, steps=60, support_floor=floor)
         ).x.reshape(20, -1)
     held = made[0.05][:, constant]
     np.testing.assert_array_equal(held, np.broadcast_to(moments.input_mean[constant], held.shape))
