@@ -1,5 +1,6 @@
-"""One process per party on 127.0.0.1: secure DP rounds over mutual TLS, and a server
-killed with SIGKILL mid-round that resumes with a fresh attempt.
+"""One process per party on 127.0.0.1: secure DP rounds over mutual TLS, a server
+killed with SIGKILL mid-round that resumes with a fresh attempt, and the trust module
+(vote over sub-cohorts, ``trust.dormant.reset``) run by the deployed server.
 
 Every process is started with ``python -m secfl`` (the installed command line) and stopped
 in a ``finally``; ports come from binding port 0.
@@ -23,6 +24,7 @@ import yaml
 
 from secfl.audit.events import read_events
 from secfl.deploy import pki
+from secfl.record.checkpoint import read_checkpoint
 
 CLIENTS = 3
 
@@ -90,7 +92,10 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _config(folder: Path, protection: str, rounds: int) -> Path:
+def _config(
+    folder: Path, protection: str, rounds: int, extra: dict[str, Any] | None = None
+) -> Path:
+    """The deployment's YAML; ``extra`` replaces or adds top-level blocks (``None`` drops one)."""
     raw: dict[str, Any] = {
         "name": f"deploy-{protection}",
         "seed": 0,
@@ -105,6 +110,11 @@ def _config(folder: Path, protection: str, rounds: int) -> Path:
     }
     if protection == "ckks":
         raw["aggregation"]["ckks"] = {"clip_range": 4.0}
+    for key, value in (extra or {}).items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
     path = folder / f"{protection}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -224,3 +234,57 @@ def test_server_killed_mid_round_resumes_with_a_fresh_attempt(
     assert charged == expected
     ledger = json.loads((out / "ledger.json").read_text())
     assert ledger["cumulative"]["user_level"]["events"] == len(expected)
+
+
+def test_trust_vote_and_dormant_reset_over_mutual_tls(
+    procs: Processes, pki_dir: Path, tmp_path: Path
+) -> None:
+    """Trust under masking, deployed: the vote over sub-cohorts runs in the server process,
+    ``trust.dormant.reset`` prunes the revealed model after every round, and the round
+    checkpoint carries the trust state."""
+    data = {
+        "dataset": "digits",
+        "num_clients": CLIENTS,
+        "partition": {"kind": "iid"},
+        "shared": {"per_class": 2},
+    }
+    trust = {"defense": "vote", "dormant": {"reset": "masking"}}
+    config = _config(
+        tmp_path, "masking", rounds=2, extra={"data": data, "trust": trust, "privacy": None}
+    )
+    out = tmp_path / "run"
+    _start_federation(procs, pki_dir, config, out, _free_port(), decryptor=False)
+    assert procs.wait("server", 150) == 0, procs.logs()
+    for i in range(CLIENTS):
+        assert procs.wait(f"client-{i}", 20) == 0, procs.logs()
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["survivors"] == CLIENTS and r["dropped"] == 0 for r in rounds)
+    # the vote ran in the server process, once per round, over the one sub-cohort {0, 1, 2}
+    # (3 clients, min_cohort 2: floor(3 / 2) = 1 sub-cohort), and kept it
+    votes = _events(out, "trust_vote")
+    assert [(e["round"], e["attempt"], e["candidates"]) for e in votes] == [
+        (1, 0, "sub-cohorts"),
+        (2, 0, "sub-cohorts"),
+    ]
+    assert all(e["members"] == {"0": [0, 1, 2]} and e["trusted_party"] == 0 for e in votes)
+    assert [e["round"] for e in _events(out, "trust_cohort_kept")] == [1, 2]
+    assert not _events(out, "trust_cohort_flag") and not _events(out, "trust_excluded")
+    # trust.dormant.reset (TrustModule.after_round), once per round on the revealed model
+    prunes = _events(out, "trust_prune")
+    assert [(e["round"], e["attempt"]) for e in prunes] == [(1, 0), (2, 0)]
+    dormant = prunes[-1]["layers"]["0"]
+    hidden, features = 16, 64  # the first Linear of the mlp [16] on 8x8 digits
+    assert 0 < len(dormant) < features
+    assert prunes[0]["zeroed"] == hidden * len(prunes[0]["layers"]["0"])  # fresh init: all set
+    assert all(e["zeroed"] > 0 and e["removed_norm"] > 0 for e in prunes)
+    # the last checkpoint holds the pruned model and the trust state
+    checkpoint = read_checkpoint(out)
+    assert checkpoint.round == 2
+    first = checkpoint.arrays["global"][: hidden * features].reshape(hidden, features)
+    assert not first[:, dormant].any()
+    assert first[:, [u for u in range(features) if u not in dormant]].all()
+    assert checkpoint.state["trust"] == {
+        "defense": "vote",
+        "reputation": {"values": {"0": 1.0, "1": 1.0, "2": 1.0}},
+    }
