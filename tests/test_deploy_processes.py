@@ -148,6 +148,17 @@ def _events(out: Path, kind: str) -> list[dict[str, Any]]:
     return [e for e in read_events(out / "events.jsonl") if e["event"] == kind]
 
 
+def _completed_rounds(procs: Processes, out: Path) -> list[dict[str, Any]]:
+    """Wait for the server and every client to exit 0; the metrics rows, each round with
+    every client surviving."""
+    assert procs.wait("server", 150) == 0, procs.logs()
+    for i in range(CLIENTS):
+        assert procs.wait(f"client-{i}", 20) == 0, procs.logs()
+    rounds: list[dict[str, Any]] = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert all(r["survivors"] == CLIENTS and r["dropped"] == 0 for r in rounds)
+    return rounds
+
+
 @pytest.mark.parametrize("protection", ["masking", "ckks"])
 def test_secure_dp_rounds_over_mutual_tls(
     protection: str, procs: Processes, pki_dir: Path, tmp_path: Path
@@ -155,12 +166,8 @@ def test_secure_dp_rounds_over_mutual_tls(
     config = _config(tmp_path, protection, rounds=2)
     out = tmp_path / "run"
     _start_federation(procs, pki_dir, config, out, _free_port(), decryptor=protection == "ckks")
-    assert procs.wait("server", 150) == 0, procs.logs()
-    for i in range(CLIENTS):
-        assert procs.wait(f"client-{i}", 20) == 0, procs.logs()
-    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    rounds = _completed_rounds(procs, out)
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["survivors"] == CLIENTS and r["dropped"] == 0 for r in rounds)
     assert rounds[-1]["accuracy"] > 0.15  # 10 classes: it learnt from the noised sums
     connected = _events(out, "deploy_connected")
     assert sorted({e["party"] for e in connected if e["role"] == "client"}) == [0, 1, 2]
@@ -254,12 +261,8 @@ def test_trust_vote_and_dormant_reset_over_mutual_tls(
     )
     out = tmp_path / "run"
     _start_federation(procs, pki_dir, config, out, _free_port(), decryptor=False)
-    assert procs.wait("server", 150) == 0, procs.logs()
-    for i in range(CLIENTS):
-        assert procs.wait(f"client-{i}", 20) == 0, procs.logs()
-    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    rounds = _completed_rounds(procs, out)
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["survivors"] == CLIENTS and r["dropped"] == 0 for r in rounds)
     # the vote ran in the server process, once per round, over the one sub-cohort {0, 1, 2}
     # (3 clients, min_cohort 2: floor(3 / 2) = 1 sub-cohort), and kept it
     votes = _events(out, "trust_vote")
