@@ -155,6 +155,9 @@ def test_deployment_accepts_only_os_randomness_and_protected_modes() -> None:
         check_deployable(config_from_dict({**base, "security": {"randomness": "seeded"}}))
     with pytest.raises(ConfigError, match="not deployable"):
         check_deployable(config_from_dict({}))
+    # refinement is not run by serve/join: refused rather than silently skipped
+    with pytest.raises(ConfigError, match="refine is not run by secfl serve/join"):
+        check_deployable(config_from_dict({**base, "refine": {"shared": {}}}))
 
 
 def test_generated_code_matches_the_proto(tmp_path: Path) -> None:

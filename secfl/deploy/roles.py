@@ -62,8 +62,8 @@ class ThreadSafeEventLog(EventLog):
 
 
 def check_deployable(config: RunConfig) -> None:
-    """Refuse what a real deployment must not run: insecure randomness, plaintext mode,
-    simulated adversaries and dropouts."""
+    """Refuse what a real deployment must not run (insecure randomness, plaintext mode,
+    simulated adversaries and dropouts) or does not run (refinement)."""
     if config.security.randomness != "os":
         raise ConfigError(
             f"security.randomness={config.security.randomness!r}: secfl serve/join/decryptor "
@@ -77,6 +77,14 @@ def check_deployable(config: RunConfig) -> None:
     if config.adversary is not None or config.simulation.dropout_rate > 0:
         raise ConfigError(
             "adversary and simulation.dropout_rate are simulation-only; remove them to deploy"
+        )
+    if config.refine is not None:
+        # secfl serve/join run no statistics rounds, inversions or shared-set tuning: a
+        # refine block would be ignored, and the operator would believe the model refined
+        raise ConfigError(
+            "refine is not run by secfl serve/join (no shared-set tuning, statistics rounds "
+            "or model inversion in a deployment); remove the refine block to deploy, or run "
+            "refinement in simulation with secfl run"
         )
 
 
