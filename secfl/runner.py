@@ -98,6 +98,62 @@ def make_protection(
     return protection
 
 
+def make_clients(
+    config: RunConfig,
+    data: FederatedData,
+    model_factory: Callable[[], nn.Module],
+    randomness: Randomness,
+    privacy: PrivacyRecorder,
+    events: EventLog,
+    folder: Path,
+) -> list[ClientApp]:
+    """A federation's clients, one per part of ``data.clients``, each with its privacy
+    state and its receipt book under ``folder`` (the simulation and every strategy's
+    federations)."""
+    return [
+        ClientApp(
+            i,
+            part,
+            model_factory=model_factory,
+            config=config.client,
+            randomness=randomness,
+            privacy=privacy.for_client(i),
+            receipts=_receipt_book(events, folder, i),
+        )
+        for i, part in enumerate(data.clients)
+    ]
+
+
+def make_server(
+    config: RunConfig,
+    weights: np.ndarray,
+    clients: list[ClientApp],
+    transport: Transport,
+    randomness: Randomness,
+    events: EventLog,
+    *,
+    user_level: UserLevelMechanism | None,
+    trust: TrustModule | None,
+) -> tuple[ServerOptimizer, FederatedServer]:
+    """A federation's server optimizer and :class:`FederatedServer` over ``clients``
+    (reached through ``transport``), with the protection of ``config`` (the simulation and
+    every strategy's federations)."""
+    optimizer = make_server_optimizer(config.server, weights.size)
+    server = FederatedServer(
+        config=config,
+        weights=weights,
+        optimizer=optimizer,
+        protection=make_protection(
+            config, clients, randomness, events, user_level=user_level, trust=trust
+        ),
+        transport=transport,
+        client_ids=[c.client_id for c in clients],
+        randomness=randomness,
+        events=events,
+    )
+    return optimizer, server
+
+
 def _spread(values: np.ndarray) -> dict[str, float]:
     return {
         "min": float(values.min()),
@@ -247,18 +303,7 @@ def _run(
     model_factory = privacy.prepare_model(
         lambda: build_model(config.model, data.input_shape, data.num_classes)
     )
-    clients = [
-        ClientApp(
-            i,
-            part,
-            model_factory=model_factory,
-            config=config.client,
-            randomness=randomness,
-            privacy=privacy.for_client(i),
-            receipts=_receipt_book(events, folder, i),
-        )
-        for i, part in enumerate(data.clients)
-    ]
+    clients = make_clients(config, data, model_factory, randomness, privacy, events, folder)
     transport = with_simulated_dropouts(
         with_adversary(
             InProcessTransport({c.client_id: c.handle for c in clients})
@@ -285,18 +330,15 @@ def _run(
         randomness=randomness,
         events=events,
     )
-    optimizer = make_server_optimizer(config.server, weights.size)
-    server = FederatedServer(
-        config=config,
-        weights=weights,
-        optimizer=optimizer,
-        protection=make_protection(
-            config, clients, randomness, events, user_level=user_level, trust=trust
-        ),
-        transport=recorder,
-        client_ids=[c.client_id for c in clients],
-        randomness=randomness,
-        events=events,
+    optimizer, server = make_server(
+        config,
+        weights,
+        clients,
+        recorder,
+        randomness,
+        events,
+        user_level=user_level,
+        trust=trust,
     )
     experimenter = _Experimenter(config, data, model_factory())
     refiner = build_refiner(config, clients, data, model_factory, randomness, events, privacy)
@@ -517,6 +559,10 @@ def round_row(outcome: RoundOutcome) -> dict[str, Any]:
     }
 
 
+#: A metrics row's accuracy and loss in a round that is not evaluated.
+NOT_EVALUATED = {"accuracy": float("nan"), "loss": float("nan")}
+
+
 def _record_round(
     config: RunConfig,
     outcome: RoundOutcome,
@@ -524,14 +570,37 @@ def _record_round(
     weights: np.ndarray,
     events: EventLog,
 ) -> dict[str, Any]:
-    agg = outcome.aggregate
-    row = round_row(outcome)
-    if agg is not None and agg.train_loss is not None:
-        row["train_loss"] = agg.train_loss
-    if outcome.round % config.evaluation.every == 0 or outcome.round == config.rounds:
+    row = trained_row(outcome)
+    if evaluation_due(config, outcome.round):
         row.update(experimenter.measure(weights))
     else:
-        row.update({"accuracy": float("nan"), "loss": float("nan")})
+        row.update(NOT_EVALUATED)
+    emit_round_completed(events, outcome, row, weights)
+    return row
+
+
+def trained_row(outcome: RoundOutcome) -> dict[str, Any]:
+    """:func:`round_row` plus the participants' mean training loss when the round
+    released one."""
+    row = round_row(outcome)
+    agg = outcome.aggregate
+    if agg is not None and agg.train_loss is not None:
+        row["train_loss"] = agg.train_loss
+    return row
+
+
+def evaluation_due(config: RunConfig, round_index: int) -> bool:
+    """Whether the model is evaluated after ``round_index`` (every ``evaluation.every``
+    rounds and after the last)."""
+    return round_index % config.evaluation.every == 0 or round_index == config.rounds
+
+
+def emit_round_completed(
+    events: EventLog, outcome: RoundOutcome, row: dict[str, Any], weights: np.ndarray
+) -> None:
+    """``round_completed``: the round's survivors, the row's accuracy and loss and the hash
+    of ``weights``, the model broadcast next."""
+    agg = outcome.aggregate
     events.emit(
         "round_completed",
         round=outcome.round,
@@ -541,7 +610,6 @@ def _record_round(
         loss=row["loss"],
         model_hash=model_hash(weights).hex(),
     )
-    return row
 
 
 def _finish(

@@ -18,7 +18,9 @@ it over a round; this module holds what the strategies share around it:
 * :func:`draw_adversary`: one adversary (one set of malicious clients) for the whole run,
   wrapped around each federation's transport where ``secfl.run`` puts it;
 * :func:`trust_arrays`, :func:`trust_state`, :func:`restore_trust`: the checkpoint (the
-  shared per-client state once, each federation's centre under ``NAME.trust.*``).
+  shared per-client state once, each federation's centre under ``NAME.trust.*``);
+* :func:`announce_adversary_and_notices`: a new run's adversary selection and trust
+  warnings.
 """
 
 from __future__ import annotations
@@ -208,6 +210,18 @@ def restore_trust(checkpoint: Checkpoint, feds: Sequence[TaskFederation]) -> Non
                 if k.startswith(f"{own}trust.")
             },
         )
+
+
+def announce_adversary_and_notices(
+    events: EventLog, adversary: RunAdversary | None, notices: Sequence[str | None]
+) -> None:
+    """A new run's trust and adversary events: the adversary's selection
+    (:meth:`RunAdversary.announce`), then each notice that applies as a ``warning``."""
+    if adversary is not None:
+        adversary.announce(events)
+    for message in notices:
+        if message is not None:
+            events.emit("warning", message=message)
 
 
 def single_subcohort_notice(

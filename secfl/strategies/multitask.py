@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 from torch import nn
-from tqdm import tqdm
 
 from secfl.audit.events import EventLog, register_event
 from secfl.audit.receipts import ReceiptIssuer
@@ -49,18 +48,17 @@ from secfl.config import (
     SchedulerTaskConfig,
 )
 from secfl.data.federated import FederatedData, build_federated_data
-from secfl.encode.flatten import flatten_parameters, load_parameters, model_hash
+from secfl.encode.flatten import flatten_parameters, load_parameters
 from secfl.errors import ConfigError
 from secfl.models import build_model
 from secfl.privacy.distributed import user_level_mechanism
 from secfl.privacy.federation import PrivacyRecorder
 from secfl.randomness import Randomness
 from secfl.record import rundir
-from secfl.record.checkpoint import Checkpoint, write_checkpoint
-from secfl.record.report import write_report
+from secfl.record.checkpoint import Checkpoint
 from secfl.server.loop import FederatedServer
-from secfl.server.optimizers import ServerOptimizer, make_server_optimizer
-from secfl.strategies import cohort_trust
+from secfl.server.optimizers import ServerOptimizer
+from secfl.strategies import cohort_trust, federation_round
 from secfl.strategies.devices import DevicePopulation, TaskWorkload, workload_of
 from secfl.strategies.scheduler import (
     AssignmentPolicy,
@@ -182,7 +180,7 @@ def build_task(
     public shared set) and give it to the protection. ``adversary(inner, clients, events)``
     wraps the clients' transport inside the dropout simulator, where ``secfl.run`` puts
     its adversary."""
-    from secfl.runner import _receipt_book, initial_model, make_protection
+    from secfl.runner import initial_model, make_clients, make_server
 
     cfg = task_config(config, task)
     task_folder = folder / TASKS_DIR / task.name
@@ -207,18 +205,7 @@ def build_task(
     user_level = user_level_mechanism(cfg, weights.size)
     privacy.attach_mechanism(user_level)
     model_factory = privacy.prepare_model(lambda: build(data, False))
-    clients = [
-        ClientApp(
-            i,
-            part,
-            model_factory=model_factory,
-            config=cfg.client,
-            randomness=randomness,
-            privacy=privacy.for_client(i),
-            receipts=_receipt_book(task_events, task_folder, i),
-        )
-        for i, part in enumerate(data.clients)
-    ]
+    clients = make_clients(cfg, data, model_factory, randomness, privacy, task_events, task_folder)
     inner: Transport = InProcessTransport({c.client_id: c.handle for c in clients})
     if adversary is not None:
         inner = adversary(inner, clients, task_events)
@@ -242,18 +229,15 @@ def build_task(
         if trust
         else None
     )
-    optimizer = make_server_optimizer(cfg.server, weights.size)
-    server = FederatedServer(
-        config=cfg,
-        weights=weights,
-        optimizer=optimizer,
-        protection=make_protection(
-            cfg, clients, randomness, task_events, user_level=user_level, trust=defense
-        ),
-        transport=recorder,
-        client_ids=[c.client_id for c in clients],
-        randomness=randomness,
-        events=task_events,
+    optimizer, server = make_server(
+        cfg,
+        weights,
+        clients,
+        recorder,
+        randomness,
+        task_events,
+        user_level=user_level,
+        trust=defense,
     )
     workload = workload_of(
         task.name,
@@ -426,11 +410,8 @@ def run_scheduled(
     )
     wanted = np.array([t.spec.devices_per_round for t in tasks], dtype=np.int64)
     state = StrategyRun(participation=np.zeros(population.count, dtype=np.int64), history=[])
-    first_round = 1
-    if checkpoint is None:
-        from secfl.runner import announce_run
 
-        announce_run(events, config, randomness)
+    def announce() -> None:
         events.emit(
             "strategy_started",
             strategy="scheduler",
@@ -447,52 +428,82 @@ def run_scheduled(
             speed_median=float(np.median(population.speed)),
             bandwidth_median=float(np.median(population.bandwidth)),
         )
-        if adversary is not None:
-            adversary.announce(events)
-        notice = cohort_trust.single_subcohort_notice(
-            config,
-            {f"task {t.name!r}": t.spec.devices_per_round for t in tasks},
-            remedy=(
-                "more server.strategy.tasks[].devices_per_round gives the vote several sub-cohorts"
-            ),
+        cohort_trust.announce_adversary_and_notices(
+            events,
+            adversary,
+            [
+                cohort_trust.single_subcohort_notice(
+                    config,
+                    {f"task {t.name!r}": t.spec.devices_per_round for t in tasks},
+                    remedy=(
+                        "more server.strategy.tasks[].devices_per_round gives the vote several "
+                        "sub-cohorts"
+                    ),
+                ),
+                cohort_trust.dp_dormant_notice(tasks),
+            ],
         )
-        for message in (notice, cohort_trust.dp_dormant_notice(tasks)):
-            if message is not None:
-                events.emit("warning", message=message)
-    else:
-        _restore(checkpoint, tasks, state)
-        first_round = checkpoint.round + 1
-        events.emit("run_resumed", from_round=checkpoint.round)
 
-    bar = tqdm(total=config.rounds, initial=first_round - 1, disable=not progress, unit="round")
-    done = 0
-    try:
-        for round_index in range(first_round, config.rounds + 1):
-            if stop_after is not None and done >= stop_after:
-                break
-            started = clock()
-            row = _run_scheduled_round(
-                config, round_index, population, tasks, policy, times, within_limit, wanted,
-                state, randomness, events, checkpoint is not None and round_index == first_round,
-            )  # fmt: skip
-            row["time_s"] = clock() - started
-            state.history.append(row)
-            digest = write_checkpoint(folder, _checkpoint(config, round_index, tasks, state))
-            events.emit("checkpoint_written", round=round_index, sha256=digest)
-            events.sync()
-            rundir.write_metrics(folder, state.history)
-            bar.update(1)
-            bar.set_postfix(acc=f"{row['accuracy']:.3f}", jain=f"{row['jain_index']:.3f}")
-            done += 1
-    finally:
-        bar.close()
-        for task in tasks:
-            task.events.close()
+    def play_round(round_index: int, resumed: bool) -> dict[str, Any]:
+        return _run_scheduled_round(
+            config, round_index, population, tasks, policy, times, within_limit, wanted,
+            state, randomness, events, resumed,
+        )  # fmt: skip
 
-    models: dict[str, nn.Module] = {}
-    for task in tasks:
-        load_parameters(task.model, task.server.weights)
-        models[task.name] = task.model
+    return run_task_rounds(
+        config,
+        folder,
+        randomness,
+        events,
+        checkpoint,
+        tasks,
+        state,
+        progress=progress,
+        clock=clock,
+        stop_after=stop_after,
+        announce=announce,
+        play_round=play_round,
+        postfix=lambda row: {"acc": f"{row['accuracy']:.3f}", "jain": f"{row['jain_index']:.3f}"},
+    )
+
+
+def run_task_rounds(
+    config: RunConfig,
+    folder: Path,
+    randomness: Randomness,
+    events: EventLog,
+    checkpoint: Checkpoint | None,
+    tasks: list[TaskFederation],
+    state: StrategyRun,
+    *,
+    progress: bool,
+    clock: Callable[[], float],
+    stop_after: int | None,
+    announce: Callable[[], None],
+    play_round: Callable[[int, bool], dict[str, Any]],
+    postfix: Callable[[dict[str, Any]], dict[str, str]],
+) -> tuple[list[dict[str, Any]], dict[str, nn.Module], None]:
+    """The run of the strategies whose state is a :class:`StrategyRun` (the scheduler, the
+    tiers): :func:`~secfl.strategies.federation_round.run_federation_rounds` with its
+    checkpoint, then the final files once the last round is played. Returns the history,
+    each task's final model and why it stopped early (None)."""
+    models, _ = federation_round.run_federation_rounds(
+        config,
+        folder,
+        randomness,
+        events,
+        checkpoint,
+        tasks,
+        state,
+        progress=progress,
+        clock=clock,
+        stop_after=stop_after,
+        announce=announce,
+        restore=lambda saved: _restore(saved, tasks, state),
+        play_round=play_round,
+        checkpoint_of=lambda round_index: _checkpoint(config, round_index, tasks, state),
+        postfix=postfix,
+    )
     if state.history and state.history[-1]["round"] == config.rounds:
         _finish(config, folder, tasks, state, randomness, events)
     return state.history, models, None
@@ -543,7 +554,7 @@ def _run_scheduled_round(
     events: EventLog,
     resumed: bool,
 ) -> dict[str, Any]:
-    from secfl.runner import _attempt_for, round_row
+    from secfl.runner import NOT_EVALUATED, _attempt_for, evaluation_due, trained_row
 
     available = population.available(randomness, round_index)
     attempts = [_attempt_for(round_index, t.events, randomness) if resumed else 0 for t in tasks]
@@ -577,43 +588,27 @@ def _run_scheduled_round(
     for t, (task, devices) in enumerate(zip(tasks, assignment, strict=True)):
         skipped = skip_task_round(task, len(devices), round_index, min_cohort, events)
         if skipped is not None:
-            rows[task.name] = {**skipped, "accuracy": float("nan"), "loss": float("nan")}
+            rows[task.name] = {**skipped, **NOT_EVALUATED}
             continue
-        attempt = attempts[t]
-        outcome = task.server.run_round(round_index, attempt, participants=devices)
-        # post-aggregation defense on the task's revealed model (trust.dormant.reset)
-        cohort_trust.after_round(task, outcome, round_index=round_index)
-        if task.privacy.enabled:
-            task.privacy.record_round(outcome)
-        state.participation[list(devices)] += 1
-        task.clock_s += float(round_times[t])
-        task.rounds_run += 1
-        row = round_row(outcome)
-        agg = outcome.aggregate
-        if agg is not None and agg.train_loss is not None:
-            row["train_loss"] = agg.train_loss
-        every = config.evaluation.every
-        if round_index % every == 0 or round_index == config.rounds:
-            row.update(task.measure())
-        else:
-            row.update({"accuracy": float("nan"), "loss": float("nan")})
+        # the round, then the post-aggregation defense on the task's revealed model
+        # (trust.dormant.reset)
+        outcome = federation_round.train_task_round(
+            task,
+            round_index,
+            attempts[t],
+            devices,
+            participation=state.participation,
+            round_time=float(round_times[t]),
+        )
+        row = trained_row(outcome)
+        row.update(task.measure() if evaluation_due(config, round_index) else NOT_EVALUATED)
         row["round_time_s"] = float(round_times[t])
         row["clock_s"] = task.clock_s
         remaining = task.remaining_epsilon()
         if remaining is not None:
             row["min_remaining_epsilon"] = float(min(remaining))
-        task.events.emit(
-            "round_completed",
-            round=round_index,
-            attempt=attempt,
-            survivors=list(agg.survivors) if agg else [],
-            accuracy=row["accuracy"],
-            loss=row["loss"],
-            model_hash=model_hash(task.server.weights).hex(),
-        )
         # after every change to the task's model: the receipt names the next broadcast
-        task.receipts.issue(outcome, task.server.weights)
-        task.events.sync()
+        federation_round.complete_round(task, outcome, row)
         rows[task.name] = row
     accuracies = [r["accuracy"] for r in rows.values()]
     losses = [r["loss"] for r in rows.values()]
@@ -633,29 +628,22 @@ def _run_scheduled_round(
 def _checkpoint(
     config: RunConfig, round_index: int, tasks: list[TaskFederation], state: StrategyRun
 ) -> Checkpoint:
-    arrays: dict[str, np.ndarray] = {"strategy.participation": state.participation}
-    task_state: dict[str, Any] = {}
-    for task in tasks:
-        arrays[f"{task.name}.global"] = task.server.weights
-        for key, value in task.optimizer.state_dict().items():
-            arrays[f"{task.name}.opt.{key}"] = value
-        task_state[task.name] = {
+    task_state = {
+        task.name: {
             "privacy": task.privacy.state(),
             "clock_s": task.clock_s,
             "rounds_run": task.rounds_run,
             "rounds_skipped": task.rounds_skipped,
         }
+        for task in tasks
+    }
     # trust: each task's centre (NAME.trust.*), the per-client state shared by all once
-    arrays.update(cohort_trust.trust_arrays(tasks))
-    saved: dict[str, Any] = {"history": state.history, "tasks": task_state}
-    shared = cohort_trust.trust_state(tasks)
-    if shared is not None:
-        saved["trust"] = shared
-    return Checkpoint(
-        round=round_index,
-        config_fingerprint=config.fingerprint(),
-        arrays=arrays,
-        state=saved,
+    return federation_round.federations_checkpoint(
+        config,
+        round_index,
+        tasks,
+        arrays={"strategy.participation": state.participation},
+        state={"history": state.history, "tasks": task_state},
     )
 
 
@@ -663,17 +651,12 @@ def _restore(checkpoint: Checkpoint, tasks: list[TaskFederation], state: Strateg
     state.participation[...] = checkpoint.arrays["strategy.participation"]
     state.history = list(checkpoint.state["history"])
     for task in tasks:
-        task.server.weights[...] = checkpoint.arrays[f"{task.name}.global"]
-        prefix = f"{task.name}.opt."
-        task.optimizer.load_state_dict(
-            {k[len(prefix) :]: v for k, v in checkpoint.arrays.items() if k.startswith(prefix)}
-        )
         saved = checkpoint.state["tasks"][task.name]
         task.privacy.load_state(saved["privacy"])
         task.clock_s = float(saved["clock_s"])
         task.rounds_run = int(saved["rounds_run"])
         task.rounds_skipped = int(saved["rounds_skipped"])
-    cohort_trust.restore_trust(checkpoint, tasks)
+    federation_round.restore_federations(checkpoint, tasks)
 
 
 def summary(history: list[dict[str, Any]], *, tail: int = 3) -> dict[str, Any]:
@@ -707,24 +690,5 @@ def _finish(
     randomness: Randomness,
     events: EventLog,
 ) -> None:
-    for task in tasks:
-        rundir.write_model(
-            task.folder,
-            task.model,
-            metadata={
-                "model_hash": model_hash(task.server.weights).hex(),
-                "config_fingerprint": task.config.fingerprint(),
-            },
-        )
-    rundir.write_metrics(folder, state.history)
-    write_report(
-        folder / rundir.REPORT_NAME,
-        config=config.to_dict(),
-        history=state.history,
-        class_counts=tasks[0].data.class_counts,
-        secure_randomness=randomness.secure,
-    )
-    final = state.history[-1]
-    events.emit(
-        "run_finished", rounds=final["round"], accuracy=final["accuracy"], loss=final["loss"]
-    )
+    federation_round.write_final_outputs(config, folder, tasks, state.history, randomness)
+    federation_round.emit_run_finished(events, state.history)

@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from secfl.attacks.adversary import ADAPTED_MODES
 from secfl.audit.events import EventLog, register_event
@@ -60,14 +59,12 @@ from secfl.config import (
     SchedulerTaskConfig,
 )
 from secfl.data.federated import FederatedData
-from secfl.encode.flatten import load_parameters, model_hash
+from secfl.encode.flatten import load_parameters
 from secfl.errors import ConfigError
 from secfl.models import build_model
 from secfl.randomness import Randomness
-from secfl.record import rundir
-from secfl.record.checkpoint import Checkpoint, write_checkpoint
-from secfl.record.report import write_report
-from secfl.strategies import cohort_trust
+from secfl.record.checkpoint import Checkpoint
+from secfl.strategies import cohort_trust, federation_round
 from secfl.strategies.cohort_trust import RunAdversary
 from secfl.strategies.multitask import TaskFederation, build_federations
 from secfl.strategies.pool_assign import PoolAssignment, PoolParticipant, assign
@@ -324,11 +321,8 @@ def run_pool(
     pool = build_pool(config, folder, randomness, events, fresh=checkpoint is None, clock=clock)
     strategy = pool.strategy
     state = PoolState(errors={n: [] for n in pool.names}, rounds_trained={n: 0 for n in pool.names})
-    first_round = 1
-    if checkpoint is None:
-        from secfl.runner import announce_run
 
-        announce_run(events, config, randomness)
+    def announce() -> None:
         events.emit(
             "pool_started",
             models=pool.names,
@@ -336,47 +330,38 @@ def run_pool(
             padded_to=pool.padded_to,
             models_per_round=strategy.models_per_round,
         )
-        if pool.adversary is not None:
-            pool.adversary.announce(events)
-        notice = single_subcohort_notice(config, strategy)
-        if notice is not None:
-            events.emit("warning", message=notice)
-    else:
-        _restore(checkpoint, pool, state)
-        first_round = checkpoint.round + 1
-        events.emit("run_resumed", from_round=checkpoint.round)
+        cohort_trust.announce_adversary_and_notices(
+            events, pool.adversary, [single_subcohort_notice(config, strategy)]
+        )
 
-    stopped: str | None = None
-    if state.history and all_converged(strategy, state):
-        stopped = "every base model has converged"
-    bar = tqdm(total=config.rounds, initial=first_round - 1, disable=not progress, unit="round")
-    done = 0
-    try:
-        for round_index in range(first_round, config.rounds + 1):
-            if stopped is not None or (stop_after is not None and done >= stop_after):
-                break
-            started = clock()
-            resumed = checkpoint is not None and round_index == first_round
-            row = _run_pool_round(config, round_index, pool, state, randomness, events, resumed)
-            row["time_s"] = clock() - started
-            state.history.append(row)
-            digest = write_checkpoint(folder, _checkpoint(config, round_index, pool, state))
-            events.emit("checkpoint_written", round=round_index, sha256=digest)
-            events.sync()
-            rundir.write_metrics(folder, state.history)
-            bar.update(1)
-            done += 1
-            if strategy.stop_when_converged and all_converged(strategy, state):
-                stopped = "every base model has converged"
-    finally:
-        bar.close()
-        for fed in pool.models:
-            fed.events.close()
+    def stop_reason(rounds_played: int) -> str | None:
+        # before any round: a resumed run whose models had all converged plays no more;
+        # after one (stop_when_converged): once every model has converged
+        if rounds_played == 0:
+            stop = bool(state.history) and all_converged(strategy, state)
+        else:
+            stop = strategy.stop_when_converged and all_converged(strategy, state)
+        return "every base model has converged" if stop else None
 
-    models: dict[str, nn.Module] = {}
-    for fed in pool.models:
-        load_parameters(fed.model, fed.server.weights)
-        models[fed.name] = fed.model
+    models, stopped = federation_round.run_federation_rounds(
+        config,
+        folder,
+        randomness,
+        events,
+        checkpoint,
+        pool.models,
+        state,
+        progress=progress,
+        clock=clock,
+        stop_after=stop_after,
+        announce=announce,
+        restore=lambda saved: _restore(saved, pool, state),
+        play_round=lambda round_index, resumed: _run_pool_round(
+            config, round_index, pool, state, randomness, events, resumed
+        ),
+        checkpoint_of=lambda round_index: _checkpoint(config, round_index, pool, state),
+        stop_reason=stop_reason,
+    )
     finished = state.history and (
         state.history[-1]["round"] == config.rounds or stopped is not None
     )
@@ -419,7 +404,7 @@ def _run_pool_round(
     events: EventLog,
     resumed: bool,
 ) -> dict[str, Any]:
-    from secfl.runner import _attempt_for, round_row
+    from secfl.runner import NOT_EVALUATED, _attempt_for, evaluation_due, trained_row
 
     min_cohort = config.aggregation.min_cohort
     attempt = _attempt_for(round_index, pool.models[0].events, randomness) if resumed else 0
@@ -459,30 +444,16 @@ def _run_pool_round(
         # post-aggregation defense on the revealed model (trust.dormant.reset), as run
         cohort_trust.after_round(fed, outcome, round_index=round_index)
         state.rounds_trained[fed.name] += 1
-        row = round_row(outcome)
-        agg = outcome.aggregate
-        if agg is not None and agg.train_loss is not None:
-            row["train_loss"] = agg.train_loss
-        every = config.evaluation.every
-        if round_index % every == 0 or round_index == config.rounds:
+        row = trained_row(outcome)
+        if evaluation_due(config, round_index):
             measured = fed.measure()
             row.update(measured)
             state.errors[fed.name].append(1.0 - measured["accuracy"])
         else:
-            row.update({"accuracy": float("nan"), "loss": float("nan")})
+            row.update(NOT_EVALUATED)
         row["cohort"] = len(cohort)
         row["converged"] = converged(pool.strategy, state.errors[fed.name])
-        fed.events.emit(
-            "round_completed",
-            round=round_index,
-            attempt=attempt,
-            survivors=list(agg.survivors) if agg else [],
-            accuracy=row["accuracy"],
-            loss=row["loss"],
-            model_hash=model_hash(fed.server.weights).hex(),
-        )
-        fed.receipts.issue(outcome, fed.server.weights)
-        fed.events.sync()
+        federation_round.complete_round(fed, outcome, row)
         rows[fed.name] = row
     evaluated = [r["accuracy"] for r in rows.values() if math.isfinite(r["accuracy"])]
     return {
@@ -539,26 +510,18 @@ def final_selection(config: RunConfig, pool: Pool, state: PoolState) -> dict[str
 
 
 def _checkpoint(config: RunConfig, round_index: int, pool: Pool, state: PoolState) -> Checkpoint:
-    arrays: dict[str, np.ndarray] = {}
-    for fed in pool.models:
-        arrays[f"{fed.name}.global"] = fed.server.weights
-        for key, value in fed.optimizer.state_dict().items():
-            arrays[f"{fed.name}.opt.{key}"] = value
-    # per model: centered clipping's centre
-    arrays.update(cohort_trust.trust_arrays(pool.models))
-    saved: dict[str, Any] = {
-        "history": state.history,
-        "errors": state.errors,
-        "rounds_trained": state.rounds_trained,
-    }
-    shared = cohort_trust.trust_state(pool.models)
-    if shared is not None:  # per client, shared by every model: saved once
-        saved["trust"] = shared
-    return Checkpoint(
-        round=round_index,
-        config_fingerprint=config.fingerprint(),
-        arrays=arrays,
-        state=saved,
+    # per model: its model, optimizer and centered clipping's centre; the per-client trust
+    # state, shared by every model, saved once
+    return federation_round.federations_checkpoint(
+        config,
+        round_index,
+        pool.models,
+        arrays={},
+        state={
+            "history": state.history,
+            "errors": state.errors,
+            "rounds_trained": state.rounds_trained,
+        },
     )
 
 
@@ -566,13 +529,7 @@ def _restore(checkpoint: Checkpoint, pool: Pool, state: PoolState) -> None:
     state.history = list(checkpoint.state["history"])
     state.errors = {k: [float(e) for e in v] for k, v in checkpoint.state["errors"].items()}
     state.rounds_trained = {k: int(v) for k, v in checkpoint.state["rounds_trained"].items()}
-    for fed in pool.models:
-        fed.server.weights[...] = checkpoint.arrays[f"{fed.name}.global"]
-        prefix = f"{fed.name}.opt."
-        fed.optimizer.load_state_dict(
-            {k[len(prefix) :]: v for k, v in checkpoint.arrays.items() if k.startswith(prefix)}
-        )
-    cohort_trust.restore_trust(checkpoint, pool.models)
+    federation_round.restore_federations(checkpoint, pool.models)
 
 
 def _finish(
@@ -584,27 +541,18 @@ def _finish(
     events: EventLog,
 ) -> None:
     selection = final_selection(config, pool, state)
-    for fed in pool.models:
-        rundir.write_model(
-            fed.folder,
-            fed.model,
-            metadata={
-                "model_hash": model_hash(fed.server.weights).hex(),
-                "config_fingerprint": fed.config.fingerprint(),
-            },
-        )
     (folder / POOL_NAME).write_text(json.dumps(selection, indent=2, sort_keys=True))
-    rundir.write_metrics(folder, state.history)
-    write_report(
-        folder / rundir.REPORT_NAME,
-        config=config.to_dict(),
+    federation_round.write_final_outputs(
+        config,
+        folder,
+        pool.models,
+        state.history,
+        randomness,
         # the report draws one accuracy line per entry of ``tasks``: here, per base model
-        history=[
+        report_history=[
             {**r, "tasks": {n: r["models"].get(n, {"accuracy": math.nan}) for n in pool.names}}
             for r in state.history
         ],
-        class_counts=pool.models[0].data.class_counts,
-        secure_randomness=randomness.secure,
     )
     events.emit(
         "pool_finished",
@@ -613,7 +561,4 @@ def _finish(
         shared=selection["shared"],
         eliminated=selection["eliminated"],
     )
-    final = state.history[-1]
-    events.emit(
-        "run_finished", rounds=final["round"], accuracy=final["accuracy"], loss=final["loss"]
-    )
+    federation_round.emit_run_finished(events, state.history)

@@ -35,24 +35,20 @@ from typing import Any
 
 import numpy as np
 from torch import nn
-from tqdm import tqdm
 
 from secfl.audit.events import EventLog, register_event
 from secfl.config import FixedSampling, RunConfig, SchedulerTaskConfig, TiersStrategy
-from secfl.encode.flatten import load_parameters, model_hash
+from secfl.encode.flatten import load_parameters
 from secfl.errors import ConfigError
 from secfl.randomness import Randomness
-from secfl.record import rundir
-from secfl.record.checkpoint import Checkpoint, write_checkpoint
+from secfl.record.checkpoint import Checkpoint
 from secfl.refine.inversion import InversionSettings, invert
-from secfl.strategies import cohort_trust
+from secfl.strategies import cohort_trust, federation_round
 from secfl.strategies.multitask import (
     StrategyRun,
     TaskFederation,
-    _checkpoint,
-    _finish,
-    _restore,
     build_federations,
+    run_task_rounds,
     skip_task_round,
 )
 from secfl.strategies.scheduler import jain_index
@@ -180,11 +176,8 @@ def run_tiers(
     teachers = [copy.deepcopy(t.model) for t in tasks]
     times = [t.workload.device_times(profiles.population) for t in tasks]
     state = StrategyRun(participation=np.zeros(profiles.count, dtype=np.int64), history=[])
-    first_round = 1
-    if checkpoint is None:
-        from secfl.runner import announce_run
 
-        announce_run(events, config, randomness)
+    def announce() -> None:
         events.emit(
             "tiers_started",
             tiers={
@@ -203,54 +196,41 @@ def run_tiers(
             min_cohort=config.aggregation.min_cohort,
             transfer=None if strategy.transfer is None else strategy.transfer.model_dump(),
         )
-        if adversary is not None:
-            adversary.announce(events)
-        notice = cohort_trust.single_subcohort_notice(
-            config,
-            {f"tier {t.name!r}": t.spec.devices_per_round for t in tasks},
-            remedy="more members per tier or a larger server.strategy.fraction gives the vote "
-            "several sub-cohorts",
+        cohort_trust.announce_adversary_and_notices(
+            events,
+            adversary,
+            [
+                cohort_trust.single_subcohort_notice(
+                    config,
+                    {f"tier {t.name!r}": t.spec.devices_per_round for t in tasks},
+                    remedy="more members per tier or a larger server.strategy.fraction gives "
+                    "the vote several sub-cohorts",
+                ),
+                cohort_trust.dp_dormant_notice(tasks),
+            ],
         )
-        for message in (notice, cohort_trust.dp_dormant_notice(tasks)):
-            if message is not None:
-                events.emit("warning", message=message)
-    else:
-        _restore(checkpoint, tasks, state)
-        first_round = checkpoint.round + 1
-        events.emit("run_resumed", from_round=checkpoint.round)
 
-    bar = tqdm(total=config.rounds, initial=first_round - 1, disable=not progress, unit="round")
-    done = 0
-    try:
-        for round_index in range(first_round, config.rounds + 1):
-            if stop_after is not None and done >= stop_after:
-                break
-            started = clock()
-            row = _run_tiered_round(
-                config, strategy, round_index, profiles, tiers, tasks, teachers, times, state,
-                randomness, events, checkpoint is not None and round_index == first_round,
-            )  # fmt: skip
-            row["time_s"] = clock() - started
-            state.history.append(row)
-            digest = write_checkpoint(folder, _checkpoint(config, round_index, tasks, state))
-            events.emit("checkpoint_written", round=round_index, sha256=digest)
-            events.sync()
-            rundir.write_metrics(folder, state.history)
-            bar.update(1)
-            bar.set_postfix(acc=f"{row['accuracy']:.3f}")
-            done += 1
-    finally:
-        bar.close()
-        for task in tasks:
-            task.events.close()
+    def play_round(round_index: int, resumed: bool) -> dict[str, Any]:
+        return _run_tiered_round(
+            config, strategy, round_index, profiles, tiers, tasks, teachers, times, state,
+            randomness, events, resumed,
+        )  # fmt: skip
 
-    models: dict[str, nn.Module] = {}
-    for task in tasks:
-        load_parameters(task.model, task.server.weights)
-        models[task.name] = task.model
-    if state.history and state.history[-1]["round"] == config.rounds:
-        _finish(config, folder, tasks, state, randomness, events)
-    return state.history, models, None
+    return run_task_rounds(
+        config,
+        folder,
+        randomness,
+        events,
+        checkpoint,
+        tasks,
+        state,
+        progress=progress,
+        clock=clock,
+        stop_after=stop_after,
+        announce=announce,
+        play_round=play_round,
+        postfix=lambda row: {"acc": f"{row['accuracy']:.3f}"},
+    )
 
 
 def _cohort(
@@ -286,7 +266,7 @@ def _run_tiered_round(
     events: EventLog,
     resumed: bool,
 ) -> dict[str, Any]:
-    from secfl.runner import _attempt_for, round_row
+    from secfl.runner import NOT_EVALUATED, _attempt_for, evaluation_due, trained_row
 
     min_cohort = config.aggregation.min_cohort
     available = profiles.population.available(randomness, round_index)
@@ -304,20 +284,19 @@ def _run_tiered_round(
         if skipped is not None:
             rows[task.name] = skipped
             continue
-        outcome = task.server.run_round(round_index, attempts[k], participants=cohort)
-        # the tier's trust step on its revealed aggregate (trust.dormant.reset), before the
-        # transfer: teachers and students are the defended models
-        cohort_trust.after_round(task, outcome, round_index=round_index)
-        if task.privacy.enabled:
-            task.privacy.record_round(outcome)
-        state.participation[list(cohort)] += 1
         round_time = float(np.max(times[k][list(cohort)]))
-        task.clock_s += round_time
-        task.rounds_run += 1
-        row = round_row(outcome)
-        agg = outcome.aggregate
-        if agg is not None and agg.train_loss is not None:
-            row["train_loss"] = agg.train_loss
+        # the round, then the tier's trust step on its revealed aggregate
+        # (trust.dormant.reset), before the transfer: teachers and students are the
+        # defended models
+        outcome = federation_round.train_task_round(
+            task,
+            round_index,
+            attempts[k],
+            cohort,
+            participation=state.participation,
+            round_time=round_time,
+        )
+        row = trained_row(outcome)
         row["round_time_s"] = round_time
         row["clock_s"] = task.clock_s
         rows[task.name] = row
@@ -329,34 +308,18 @@ def _run_tiered_round(
     if transfer is not None:
         events.emit("tiers_transfer", round=round_index, **transfer)
 
-    every = config.evaluation.every
-    evaluate_now = round_index % every == 0 or round_index == config.rounds
+    evaluate_now = evaluation_due(config, round_index)
     for k, task in enumerate(tasks):
         row = rows[task.name]
-        if evaluate_now:
-            row.update(task.measure())
-        else:
-            row.update({"accuracy": float("nan"), "loss": float("nan")})
+        row.update(task.measure() if evaluate_now else NOT_EVALUATED)
         if transfer is not None and task.name in transfer["disagreement"]:
             row["transfer_kl_before"], row["transfer_kl_after"] = transfer["disagreement"][
                 task.name
             ]
         if k not in outcomes:
             continue
-        outcome = outcomes[k]
-        agg = outcome.aggregate
-        task.events.emit(
-            "round_completed",
-            round=round_index,
-            attempt=outcome.attempt,
-            survivors=list(agg.survivors) if agg else [],
-            accuracy=row["accuracy"],
-            loss=row["loss"],
-            model_hash=model_hash(task.server.weights).hex(),
-        )
         # after the transfer: the receipt names the model that is broadcast next
-        task.receipts.issue(outcome, task.server.weights)
-        task.events.sync()
+        federation_round.complete_round(task, outcomes[k], row)
     accuracies = [r["accuracy"] for r in rows.values()]
     return {
         "round": round_index,
