@@ -252,6 +252,7 @@ def _run_strategy(
     stop_after: int | None,
 ) -> RunResult:
     """Several tasks over one device population (``server.strategy``, secfl.strategies)."""
+    from secfl.strategies.federation_round import StrategyRunContext
     from secfl.strategies.multitask import run_scheduled
     from secfl.strategies.pool import run_pool
     from secfl.strategies.tiers_run import run_tiers
@@ -260,14 +261,9 @@ def _run_strategy(
     kind = strategy.kind if strategy is not None else None
     run_strategy = {"tiers": run_tiers, "pool": run_pool}.get(kind or "", run_scheduled)
     history, models, stopped = run_strategy(
-        config,
-        folder,
-        randomness,
-        events,
-        checkpoint,
-        progress=progress,
-        clock=clock,
-        stop_after=stop_after,
+        StrategyRunContext(
+            config, folder, randomness, events, checkpoint, progress, clock, stop_after
+        )
     )
     return RunResult(
         history=history,

@@ -15,6 +15,7 @@ population (``pool``, ``scheduler``, ``tiers``), around each strategy's own roun
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,6 +37,22 @@ if TYPE_CHECKING:  # avoids an import cycle with multitask
     from secfl.strategies.multitask import TaskFederation
 
 
+@dataclass(frozen=True, eq=False)
+class StrategyRunContext:
+    """What a strategy's run is handed by :func:`secfl.run`: the run's config, folder,
+    randomness and event log, the checkpoint it continues from (None: a new run), whether
+    it shows a progress bar, its clock, and at most how many rounds to play now."""
+
+    config: RunConfig
+    folder: Path
+    randomness: Randomness
+    events: EventLog
+    checkpoint: Checkpoint | None
+    progress: bool
+    clock: Callable[[], float]
+    stop_after: int | None
+
+
 class RoundsState(Protocol):
     """A strategy's state between rounds: at least the metrics rows so far."""
 
@@ -43,17 +60,10 @@ class RoundsState(Protocol):
 
 
 def run_federation_rounds(
-    config: RunConfig,
-    folder: Path,
-    randomness: Randomness,
-    events: EventLog,
-    checkpoint: Checkpoint | None,
+    run: StrategyRunContext,
     feds: Sequence[TaskFederation],
     state: RoundsState,
     *,
-    progress: bool,
-    clock: Callable[[], float],
-    stop_after: int | None,
     announce: Callable[[], None],
     restore: Callable[[Checkpoint], None],
     play_round: Callable[[int, bool], dict[str, Any]],
@@ -61,20 +71,27 @@ def run_federation_rounds(
     postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None,
     stop_reason: Callable[[int], str | None] | None = None,
 ) -> tuple[dict[str, nn.Module], str | None]:
-    """A strategy's run from its start (``checkpoint`` None: ``run_started`` and the rest
+    """A strategy's run from its start (``run.checkpoint`` None: ``run_started`` and the rest
     of :func:`~secfl.runner.announce_run`, then the strategy's ``announce``) or from
-    ``checkpoint`` (the strategy's ``restore``, then ``run_resumed``) to round
-    ``config.rounds``, at most ``stop_after`` rounds. ``play_round(round_index, resumed)``
+    ``run.checkpoint`` (the strategy's ``restore``, then ``run_resumed``) to round
+    ``config.rounds``, at most ``run.stop_after`` rounds. ``play_round(round_index, resumed)``
     plays a round and returns its metrics row (``resumed``: the first round after a
     restart), which gets its ``time_s`` and joins ``state.history``; after each round the
     checkpoint (``checkpoint_of(round_index)``, ``checkpoint_written``), the log synced and
     ``metrics.json``. ``stop_reason(rounds_played)``, asked before every round and at the
     end, stops the run early when not None. Every federation's log is closed at the end.
     Returns every federation's final model (:func:`final_models`) and the stop reason."""
+    config, folder, events, checkpoint, clock = (
+        run.config,
+        run.folder,
+        run.events,
+        run.checkpoint,
+        run.clock,
+    )
     if checkpoint is None:
         from secfl.runner import announce_run
 
-        announce_run(events, config, randomness)
+        announce_run(events, config, run.randomness)
         announce()
         first_round = 1
     else:
@@ -83,11 +100,11 @@ def run_federation_rounds(
         events.emit("run_resumed", from_round=checkpoint.round)
 
     history = state.history
-    bar = tqdm(total=config.rounds, initial=first_round - 1, disable=not progress, unit="round")
+    bar = tqdm(total=config.rounds, initial=first_round - 1, disable=not run.progress, unit="round")
     done = 0
     try:
         for round_index in range(first_round, config.rounds + 1):
-            if stop_after is not None and done >= stop_after:
+            if run.stop_after is not None and done >= run.stop_after:
                 break
             if stop_reason is not None and stop_reason(done) is not None:
                 break

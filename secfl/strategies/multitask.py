@@ -60,6 +60,7 @@ from secfl.server.loop import FederatedServer
 from secfl.server.optimizers import ServerOptimizer
 from secfl.strategies import cohort_trust, federation_round
 from secfl.strategies.devices import DevicePopulation, TaskWorkload, workload_of
+from secfl.strategies.federation_round import StrategyRunContext
 from secfl.strategies.scheduler import (
     AssignmentPolicy,
     RoundRequest,
@@ -376,18 +377,17 @@ class StrategyRun:
 
 
 def run_scheduled(
-    config: RunConfig,
-    folder: Path,
-    randomness: Randomness,
-    events: EventLog,
-    checkpoint: Checkpoint | None,
-    *,
-    progress: bool,
-    clock: Callable[[], float] = time.time,
-    stop_after: int | None,
+    run: StrategyRunContext,
 ) -> tuple[list[dict[str, Any]], dict[str, nn.Module], str | None]:
-    """Run (or continue from ``checkpoint``) the multi-task experiment; returns the history,
+    """Run (or continue from ``run.checkpoint``) the multi-task experiment; returns the history,
     each task's final model and why it stopped early (None)."""
+    config, folder, randomness, events, checkpoint = (
+        run.config,
+        run.folder,
+        run.randomness,
+        run.events,
+        run.checkpoint,
+    )
     strategy = check_strategy_config(config)
     population = DevicePopulation.draw(strategy.devices, randomness)
     # one draw of the malicious devices for every task (a device is a client of each)
@@ -399,7 +399,7 @@ def run_scheduled(
         events,
         clients=population.count,
         fresh=checkpoint is None,
-        clock=clock,
+        clock=run.clock,
     )
     policy = make_policy(strategy.policy, fairness_weight=strategy.fairness_weight)
     times = np.stack([t.workload.device_times(population) for t in tasks], axis=1)
@@ -451,16 +451,9 @@ def run_scheduled(
         )  # fmt: skip
 
     return run_task_rounds(
-        config,
-        folder,
-        randomness,
-        events,
-        checkpoint,
+        run,
         tasks,
         state,
-        progress=progress,
-        clock=clock,
-        stop_after=stop_after,
         announce=announce,
         play_round=play_round,
         postfix=lambda row: {"acc": f"{row['accuracy']:.3f}", "jain": f"{row['jain_index']:.3f}"},
@@ -468,17 +461,10 @@ def run_scheduled(
 
 
 def run_task_rounds(
-    config: RunConfig,
-    folder: Path,
-    randomness: Randomness,
-    events: EventLog,
-    checkpoint: Checkpoint | None,
+    run: StrategyRunContext,
     tasks: list[TaskFederation],
     state: StrategyRun,
     *,
-    progress: bool,
-    clock: Callable[[], float],
-    stop_after: int | None,
     announce: Callable[[], None],
     play_round: Callable[[int, bool], dict[str, Any]],
     postfix: Callable[[dict[str, Any]], dict[str, str]],
@@ -487,17 +473,11 @@ def run_task_rounds(
     tiers): :func:`~secfl.strategies.federation_round.run_federation_rounds` with its
     checkpoint, then the final files once the last round is played. Returns the history,
     each task's final model and why it stopped early (None)."""
+    config = run.config
     models, _ = federation_round.run_federation_rounds(
-        config,
-        folder,
-        randomness,
-        events,
-        checkpoint,
+        run,
         tasks,
         state,
-        progress=progress,
-        clock=clock,
-        stop_after=stop_after,
         announce=announce,
         restore=lambda saved: _restore(saved, tasks, state),
         play_round=play_round,
@@ -505,7 +485,7 @@ def run_task_rounds(
         postfix=postfix,
     )
     if state.history and state.history[-1]["round"] == config.rounds:
-        _finish(config, folder, tasks, state, randomness, events)
+        _finish(config, run.folder, tasks, state, run.randomness, run.events)
     return state.history, models, None
 
 

@@ -66,6 +66,7 @@ from secfl.randomness import Randomness
 from secfl.record.checkpoint import Checkpoint
 from secfl.strategies import cohort_trust, federation_round
 from secfl.strategies.cohort_trust import RunAdversary
+from secfl.strategies.federation_round import StrategyRunContext
 from secfl.strategies.multitask import TaskFederation, build_federations
 from secfl.strategies.pool_assign import PoolAssignment, PoolParticipant, assign
 from secfl.strategies.pool_select import Candidate, eliminate, has_converged
@@ -306,19 +307,14 @@ def assign_round(
 
 
 def run_pool(
-    config: RunConfig,
-    folder: Path,
-    randomness: Randomness,
-    events: EventLog,
-    checkpoint: Checkpoint | None,
-    *,
-    progress: bool,
-    clock: Callable[[], float] = time.time,
-    stop_after: int | None,
+    run: StrategyRunContext,
 ) -> tuple[list[dict[str, Any]], dict[str, nn.Module], str | None]:
-    """Run (or continue from ``checkpoint``) the pool; returns the history, each base
+    """Run (or continue from ``run.checkpoint``) the pool; returns the history, each base
     model's final model (the padded wrapper) and why it stopped early (None)."""
-    pool = build_pool(config, folder, randomness, events, fresh=checkpoint is None, clock=clock)
+    config, folder, randomness, events = run.config, run.folder, run.randomness, run.events
+    pool = build_pool(
+        config, folder, randomness, events, fresh=run.checkpoint is None, clock=run.clock
+    )
     strategy = pool.strategy
     state = PoolState(errors={n: [] for n in pool.names}, rounds_trained={n: 0 for n in pool.names})
 
@@ -344,16 +340,9 @@ def run_pool(
         return "every base model has converged" if stop else None
 
     models, stopped = federation_round.run_federation_rounds(
-        config,
-        folder,
-        randomness,
-        events,
-        checkpoint,
+        run,
         pool.models,
         state,
-        progress=progress,
-        clock=clock,
-        stop_after=stop_after,
         announce=announce,
         restore=lambda saved: _restore(saved, pool, state),
         play_round=lambda round_index, resumed: _run_pool_round(

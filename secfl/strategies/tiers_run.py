@@ -28,9 +28,6 @@ holds everything, and the tier layout is recomputed from the design seed on resu
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,9 +38,9 @@ from secfl.config import FixedSampling, RunConfig, SchedulerTaskConfig, TiersStr
 from secfl.encode.flatten import load_parameters
 from secfl.errors import ConfigError
 from secfl.randomness import Randomness
-from secfl.record.checkpoint import Checkpoint
 from secfl.refine.inversion import InversionSettings, invert
 from secfl.strategies import cohort_trust, federation_round
+from secfl.strategies.federation_round import StrategyRunContext
 from secfl.strategies.multitask import (
     StrategyRun,
     TaskFederation,
@@ -130,18 +127,16 @@ def tier_layout(
 
 
 def run_tiers(
-    config: RunConfig,
-    folder: Path,
-    randomness: Randomness,
-    events: EventLog,
-    checkpoint: Checkpoint | None,
-    *,
-    progress: bool,
-    clock: Callable[[], float] = time.time,
-    stop_after: int | None,
+    run: StrategyRunContext,
 ) -> tuple[list[dict[str, Any]], dict[str, nn.Module], str | None]:
     """Run (or continue) the tiered federation; returns the history, each tier's final
     model (by the name of the variant it trains) and why it stopped early (None)."""
+    config, randomness, events, checkpoint = (
+        run.config,
+        run.randomness,
+        run.events,
+        run.checkpoint,
+    )
     strategy = check_tiers_config(config)
     profiles, tiers = tier_layout(config, strategy, randomness)
     specs = [strategy.tiers[t.variant] for t in tiers]
@@ -165,12 +160,12 @@ def run_tiers(
             )
             for tier, spec in zip(tiers, specs, strict=True)
         ],
-        folder,
+        run.folder,
         randomness,
         events,
         clients=profiles.count,
         fresh=checkpoint is None,
-        clock=clock,
+        clock=run.clock,
     )
     # teacher copies of each tier's model: students must not change a teacher mid-transfer
     teachers = [copy.deepcopy(t.model) for t in tasks]
@@ -217,16 +212,9 @@ def run_tiers(
         )  # fmt: skip
 
     return run_task_rounds(
-        config,
-        folder,
-        randomness,
-        events,
-        checkpoint,
+        run,
         tasks,
         state,
-        progress=progress,
-        clock=clock,
-        stop_after=stop_after,
         announce=announce,
         play_round=play_round,
         postfix=lambda row: {"acc": f"{row['accuracy']:.3f}"},
