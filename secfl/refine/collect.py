@@ -66,12 +66,14 @@ def encoding_range(config: RunConfig) -> float:
 
 @dataclass(frozen=True, eq=False)
 class ReleasedMoments:
-    """The last released moments, the broadcast weights they were computed under (their
-    hidden layers describe that model only) and the round they were collected in."""
+    """Released moments, the broadcast weights they were computed under (their hidden
+    layers describe that model only), the round they were collected in, and the release
+    as aggregated (moments and count coordinate: what a checkpoint keeps)."""
 
     moments: ActivationMoments
     weights: np.ndarray
     round: int
+    vector: np.ndarray
 
 
 class MomentFacet(ClientApp):
@@ -186,23 +188,16 @@ class MomentCollector:
         ]
         self._protection = make_protection(config, facets, randomness, events)
         self._transport = InProcessTransport({f.client_id: f.handle for f in facets})
-        self.last_round: int | None = None
-        self.last: np.ndarray | None = None
-        #: the broadcast weights the last moments were computed under
-        self.last_weights: np.ndarray | None = None
+        #: the last statistics round's release
+        self.released: ReleasedMoments | None = None
 
     def __call__(
         self, round_index: int, attempt: int, before: np.ndarray, participants: list[int]
     ) -> ReleasedMoments | None:
-        fresh = self.last_round is not None and round_index - self.last_round < self.every
-        if not fresh:
+        last = self.released
+        if last is None or round_index - last.round >= self.every:
             self._collect(round_index, attempt, before, participants)
-        if self.last is None or self.last_weights is None or self.last_round is None:
-            return None
-        moments = ActivationMoments.from_release(self.last, self._sizes, clip=self._clip)
-        if moments is None:
-            return None
-        return ReleasedMoments(moments, self.last_weights, self.last_round)
+        return self.released
 
     def _collect(
         self, round_index: int, attempt: int, before: np.ndarray, participants: list[int]
@@ -238,7 +233,8 @@ class MomentCollector:
             )
             return
         release = np.asarray(result.mean_update[: self._dimension], dtype=np.float64)
-        if ActivationMoments.from_release(release, self._sizes, clip=self._clip) is None:
+        moments = ActivationMoments.from_release(release, self._sizes, clip=self._clip)
+        if moments is None:
             self._events.emit(
                 "moments_skipped",
                 round=round_index,
@@ -246,9 +242,7 @@ class MomentCollector:
                 reason="the released record count is not positive (noise exceeds the records)",
             )
             return
-        self.last = release
-        self.last_weights = weights.copy()
-        self.last_round = round_index
+        self.released = ReleasedMoments(moments, weights.copy(), round_index, release)
         self._events.emit(
             "moments_collected",
             round=round_index,
@@ -258,21 +252,27 @@ class MomentCollector:
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
-        if self.last is None or self.last_round is None or self.last_weights is None:
+        if self.released is None:
             return {}
         return {
-            "refine.moments.vector": self.last,
-            "refine.moments.round": np.array([self.last_round]),
-            "refine.moments.weights": self.last_weights,
+            "refine.moments.vector": self.released.vector,
+            "refine.moments.round": np.array([self.released.round]),
+            "refine.moments.weights": self.released.weights,
         }
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.released = None
         keys = ("refine.moments.vector", "refine.moments.round", "refine.moments.weights")
-        if all(k in arrays for k in keys) and arrays[keys[0]].size == self._dimension:
-            self.last = np.array(arrays["refine.moments.vector"], dtype=np.float64)
-            self.last_round = int(np.asarray(arrays["refine.moments.round"])[0])
-            self.last_weights = np.array(arrays["refine.moments.weights"], dtype=np.float32)
-        else:
-            # moments without the model they describe (or of an older layout) cannot be
-            # matched: collect afresh
-            self.last = self.last_weights = self.last_round = None
+        # moments without the model they describe (or of an older layout) cannot be
+        # matched: the next refined round collects afresh
+        if not all(k in arrays for k in keys) or arrays[keys[0]].size != self._dimension:
+            return
+        vector = np.array(arrays["refine.moments.vector"], dtype=np.float64)
+        moments = ActivationMoments.from_release(vector, self._sizes, clip=self._clip)
+        if moments is not None:
+            self.released = ReleasedMoments(
+                moments,
+                np.array(arrays["refine.moments.weights"], dtype=np.float32),
+                int(np.asarray(arrays["refine.moments.round"])[0]),
+                vector,
+            )
