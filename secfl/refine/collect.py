@@ -217,31 +217,22 @@ class MomentCollector:
             randomness=self._randomness,
             events=self._events,
         )
+
+        def skipped(reason: str) -> None:
+            self._events.emit(
+                "moments_skipped", round=round_index, attempt=stats_attempt, reason=reason
+            )
+
         try:
             result = self._protection.aggregate(self._transport, list(participants), ctx)
         except SecflError as exc:
-            self._events.emit(
-                "moments_skipped", round=round_index, attempt=stats_attempt, reason=str(exc)
-            )
-            return
+            return skipped(str(exc))
         if result is None:
-            self._events.emit(
-                "moments_skipped",
-                round=round_index,
-                attempt=stats_attempt,
-                reason="no statistics could be revealed (too few contributors)",
-            )
-            return
+            return skipped("no statistics could be revealed (too few contributors)")
         release = np.asarray(result.mean_update[: self._dimension], dtype=np.float64)
         moments = ActivationMoments.from_release(release, self._sizes, clip=self._clip)
         if moments is None:
-            self._events.emit(
-                "moments_skipped",
-                round=round_index,
-                attempt=stats_attempt,
-                reason="the released record count is not positive (noise exceeds the records)",
-            )
-            return
+            return skipped("the released record count is not positive (noise exceeds the records)")
         self.released = ReleasedMoments(moments, weights.copy(), round_index, release)
         self._events.emit(
             "moments_collected",
